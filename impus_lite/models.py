@@ -1,0 +1,359 @@
+"""Loading a Stable-Diffusion-shaped model, by hub id, local folder or built-in name.
+
+Three kinds of name are understood by :func:`load_model`:
+
+* a Hugging Face hub id of any SD 1.x / 2.x model (default :data:`DEFAULT_MODEL`), downloaded
+  once into the Hugging Face cache;
+* a local folder written by ``StableDiffusionPipeline.save_pretrained``;
+* ``"tiny"``: a random model of the SD layout built in code (for tests and smoke runs), and
+  ``"classroom"``: the small emoji model shipped in ``data/classroom``.
+
+Every one of them goes through ``StableDiffusionPipeline.from_pretrained``: tests exercise the
+same loading code users run. Latents follow the SD convention ``z = vae.encode(x).mean *
+scaling_factor`` with images ``x`` in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .errors import ModelLoadError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+BUILTIN_MODELS = ("tiny", "classroom")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLASSROOM_DIR = REPO_ROOT / "data" / "classroom"
+TINY_VERSION = "1"
+
+#: The SD 1.x noise schedule (scaled-linear betas, 1000 steps), shared by the built-in models.
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def impus_cache_dir() -> Path:
+    """Folder for built models and downloads of impus_lite (``$IMPUS_LITE_CACHE`` or ~/.cache)."""
+    root = os.environ.get("IMPUS_LITE_CACHE") or Path.home() / ".cache" / "impus_lite"
+    return Path(root)
+
+
+def pick_device(device: Union[str, torch.device, None] = None) -> torch.device:
+    """The device to run on: the one asked for, else CUDA, else Apple MPS, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
+    """fp16 on CUDA (half the memory, Tensor Cores), fp32 elsewhere, unless ``dtype`` is given."""
+    if isinstance(dtype, str):
+        dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+    if dtype is not None:
+        return dtype
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer files for the built-in models
+# --------------------------------------------------------------------------------------------
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable symbols CLIP's byte-level BPE uses for the 256 byte values."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+                 + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def write_clip_tokenizer(folder: Union[str, Path], merges: Sequence[str] = (),
+                         model_max_length: int = 77) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` that ``transformers.CLIPTokenizer`` loads.
+
+    The vocabulary holds every byte symbol, alone and word-final (``"a"``, ``"a</w>"``), the
+    token of every merge, and CLIP's ``<|startoftext|>`` / ``<|endoftext|>``. With no merges
+    the tokenizer is character-level; merges such as ``["c a", "ca t</w>"]`` make whole words.
+
+    Returns the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    vocab: dict[str, int] = {}
+    for token in tokens + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab.setdefault(token, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+         "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
+         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+         "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True}))
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny random model
+# --------------------------------------------------------------------------------------------
+
+def build_tiny_pipeline(seed: int = 0):
+    """A random ``StableDiffusionPipeline`` of the SD layout, small enough for CPU tests.
+
+    32x32 images, a VAE with scale factor 4 (8x8x4 latents), a two-level UNet with cross
+    attention of width 32 and a two-layer CLIP text encoder on a character tokenizer.
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
+        block_out_channels=(8, 16, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_model_dir() -> Path:
+    """Folder of the tiny model, written with ``save_pretrained`` on first use."""
+    folder = impus_cache_dir() / f"tiny-v{TINY_VERSION}"
+    if not (folder / "model_index.json").is_file():
+        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        build_tiny_pipeline().save_pretrained(staging)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process won the race; its copy is identical
+            import shutil
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# The loaded model
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DiffusionModel:
+    """A Stable-Diffusion-shaped model ready for morphing.
+
+    Attributes:
+        name: what the user asked for (hub id, folder, ``tiny`` or ``classroom``).
+        vae, unet, text_encoder, tokenizer: the diffusers / transformers components.
+        scheduler_config: the training noise schedule; DDIM schedulers are built from it.
+        device, dtype: where the weights live and their precision.
+        unet_evals: running count of latents passed through the UNet (a batch of B adds B);
+            the machine-independent cost unit of this package.
+    """
+
+    name: str
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+    unet_evals: int = 0
+    _fingerprint: Optional[str] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        def count(module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            self.unet_evals += int(sample.shape[0])
+        self.unet.register_forward_pre_hook(count, with_kwargs=True)
+
+    # ---- geometry -----------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along one side (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The image side the UNet was trained for (512 for SD 1.x)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def prediction_type(self) -> str:
+        """``"epsilon"`` or ``"v_prediction"`` (SD 2.x 768)."""
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def fingerprint(self) -> str:
+        """A short digest of the name and of a sample of the weights: a cache key that changes
+        when a folder's weights are retrained."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(self.name.encode())
+            for module in (self.unet, self.vae, self.text_encoder):
+                params = list(module.parameters())
+                for p in params[:: max(1, len(params) // 16)]:
+                    digest.update(repr(round(float(p.detach().double().sum()), 6)).encode())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    # ---- VAE ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/f, W/f), f = vae_scale_factor.
+
+        Uses the posterior mean times ``vae.config.scaling_factor`` (deterministic)."""
+        images = images.to(self.device, self.vae.dtype)
+        latents = self.vae.encode(images).latent_dist.mean
+        return latents.float() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (float32, clamped)."""
+        latents = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(latents).sample.float().clamp(-1, 1)
+
+    # ---- adapters -----------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        """Names of the LoRA adapters attached to the UNet."""
+        config = getattr(self.unet, "peft_config", None) or {}
+        return list(config)
+
+    @contextlib.contextmanager
+    def using_adapter(self, name: Optional[str]) -> Iterator[None]:
+        """Run the UNet with LoRA adapter ``name`` active, or with none when ``name`` is None."""
+        names = self.adapter_names()
+        if name is not None and name not in names:
+            raise KeyError(f"No adapter named '{name}' (have: {names}).")
+        if not names:
+            yield
+            return
+        if name is None:
+            self.unet.disable_adapters()
+        else:
+            self.unet.enable_adapters()
+            self.unet.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters() if name is None else None
+
+    def remove_adapters(self) -> None:
+        """Detach every LoRA adapter: the UNet is the base model again."""
+        for name in self.adapter_names():
+            self.unet.delete_adapters(name)
+
+
+def _resolve(name: str) -> tuple[str, bool]:
+    """Map a model name to (path or hub id, is_local)."""
+    if name == "tiny":
+        return str(tiny_model_dir()), True
+    if name == "classroom":
+        if not (CLASSROOM_DIR / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"The classroom model is not in '{CLASSROOM_DIR}': use a checkout of the "
+                "impus_lite repository (it ships there), or pass --model tiny or a hub id.")
+        return str(CLASSROOM_DIR), True
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"'{path}' is not a diffusers model folder (no model_index.json): save one with "
+                "StableDiffusionPipeline.save_pretrained or pass a hub id.")
+        return str(path), True
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(
+            f"Model '{name}' is neither a folder nor a hub id of the form 'owner/name'; "
+            f"try {DEFAULT_MODEL!r}, 'classroom' or 'tiny'.")
+    return name, False
+
+
+def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None] = None,
+               dtype: Union[str, torch.dtype, None] = None) -> DiffusionModel:
+    """Load a Stable Diffusion 1.x/2.x model for morphing.
+
+    Args:
+        name: hub id, local folder, ``"tiny"`` or ``"classroom"`` (see the module docstring).
+        device: ``"cuda"``, ``"cpu"``, ... ; default: CUDA if present, else MPS, else CPU.
+        dtype: default fp16 on CUDA and fp32 elsewhere.
+
+    Raises:
+        ModelLoadError: with one sentence naming the cache folder and the offline options when
+            the weights are neither cached nor downloadable.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    source, is_local = _resolve(name)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, EnvironmentError) as error:
+        if is_local:
+            raise ModelLoadError(f"Could not load the model folder '{source}': {error}") from None
+        from huggingface_hub import constants
+        raise ModelLoadError(
+            f"Could not load '{name}': it is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and could not be downloaded; connect to the internet "
+            "once (or log in with `hf auth login` for gated models), pass a local folder, or "
+            "use the offline models --model classroom or --model tiny.") from None
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to(device)
+        module.requires_grad_(False)
+        module.eval()
+    return DiffusionModel(
+        name=name, vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer, scheduler_config=dict(pipe.scheduler.config),
+        device=device, dtype=dtype,
+    )

@@ -1,0 +1,46 @@
+"""What a notebook or script needs to know about where it runs: smoke mode, the device, the data.
+
+Smoke mode: the environment variable ``IMPUS_LITE_SMOKE=1`` asks every notebook to shrink its
+work (tiny or classroom model, few steps, few frames) so that the whole set executes on two CPU
+cores in CI. Without it a notebook does the real thing on the GPU it finds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+REPO_URL = "https://github.com/impus-lite/impus_lite"
+
+
+def is_smoke() -> bool:
+    """True when ``IMPUS_LITE_SMOKE`` is set to 1/true/yes (case-insensitive)."""
+    return os.environ.get("IMPUS_LITE_SMOKE", "").strip().lower() in ("1", "true", "yes")
+
+
+def data_path(*parts: str) -> Path:
+    """Path of a file shipped in the repository's ``data/`` folder, e.g. ``data_path("pairs")``."""
+    return DATA_DIR.joinpath(*parts)
+
+
+def colab_badge(notebook: str) -> str:
+    """Markdown of the 'Open in Colab' badge for ``notebooks/<notebook>``."""
+    slug = REPO_URL.replace("https://github.com/", "")
+    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            f"(https://colab.research.google.com/github/{slug}/blob/main/notebooks/{notebook})")
+
+
+def gpu_report() -> str:
+    """One line on the accelerator found and what that means for the notebooks."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return (f"GPU: {props.name} with {props.total_memory / 2**30:.1f} GiB; Stable Diffusion "
+                "morphs run here.")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "Apple GPU (MPS) found; Stable Diffusion runs, slowly; the classroom model is quick."
+    return ("No GPU: the notebooks use the small classroom model (or the tiny random model in "
+            "smoke mode); for Stable Diffusion open them on Colab with a GPU runtime.")
