@@ -31,7 +31,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUILTIN_MODELS = ("tiny", "classroom")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLASSROOM_DIR = REPO_ROOT / "data" / "classroom"
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 
 #: The SD 1.x noise schedule (scaled-linear betas, 1000 steps), shared by the built-in models.
 SD_SCHEDULER_CONFIG = dict(
@@ -126,8 +126,9 @@ def write_clip_tokenizer(folder: Union[str, Path], merges: Sequence[str] = (),
 def build_tiny_pipeline(seed: int = 0):
     """A random ``StableDiffusionPipeline`` of the SD layout, small enough for CPU tests.
 
-    32x32 images, a VAE with scale factor 4 (8x8x4 latents), a two-level UNet with cross
-    attention of width 32 and a two-layer CLIP text encoder on a character tokenizer.
+    32x32 images, a VAE with scale factor 4 (8x8x4 latents, scaled to unit standard deviation),
+    a two-level UNet with cross attention of width 32 and a two-layer CLIP text encoder on a
+    character tokenizer. Its weights are random: it tests code paths, not image quality.
     """
     import tempfile
 
@@ -147,6 +148,11 @@ def build_tiny_pipeline(seed: int = 0):
         block_out_channels=(8, 16, 16), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     )
+    # Scale latents to unit standard deviation, as SD's 0.18215 does for its VAE.
+    with torch.no_grad():
+        probe = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        raw_std = float(vae.encode(probe).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=round(1.0 / raw_std, 5))
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(tmp)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
@@ -244,6 +250,43 @@ class DiffusionModel:
                     digest.update(repr(round(float(p.detach().double().sum()), 6)).encode())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
+
+    # ---- schedules and the training loss ------------------------------------------------
+    def ddim_scheduler(self):
+        """A fresh ``diffusers.DDIMScheduler`` (eta = 0) on the model's training noise schedule."""
+        from diffusers import DDIMScheduler
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+    def ddim_inverse_scheduler(self):
+        """A fresh ``diffusers.DDIMInverseScheduler`` on the model's training noise schedule."""
+        from diffusers import DDIMInverseScheduler
+        return DDIMInverseScheduler.from_config(self.scheduler_config)
+
+    def diffusion_loss(self, latents: torch.Tensor, embeddings: torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+        """The plain denoising loss ``|| target - unet(z_t, t, e) ||^2`` (mean over elements).
+
+        ``z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps`` with ``t ~ U{0, ..., T-1}`` and
+        ``eps ~ N(0, I)`` drawn from ``generator`` (a CPU generator, so that a seed gives the same
+        draws on every device); the target is ``eps`` for epsilon models and the velocity
+        ``sqrt(abar_t) eps - sqrt(1 - abar_t) z`` for v-prediction models.
+
+        Args:
+            latents: (B, 4, h, w) VAE latents (already times the scaling factor).
+            embeddings: (B, L, D) text embeddings (may require grad).
+        Returns:
+            A scalar float32 tensor.
+        """
+        scheduler = self.ddim_scheduler()
+        batch = latents.shape[0]
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        latents = latents.detach().float().cpu()
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = scheduler.get_velocity(latents, noise, t) if self.prediction_type == "v_prediction" else noise
+        prediction = self.unet(noisy.to(self.device, self.dtype), t.to(self.device),
+                               encoder_hidden_states=embeddings.to(self.device, self.dtype)).sample
+        return torch.nn.functional.mse_loss(prediction.float(), target.to(self.device))
 
     # ---- VAE ----------------------------------------------------------------------------
     @torch.no_grad()

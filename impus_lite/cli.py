@@ -1,0 +1,113 @@
+"""The command line: ``python -m impus_lite morph A B --prompt P --out DIR`` (and ``impus-lite``).
+
+Errors a user can act on (missing file, bad option, model not available) print one sentence and
+exit with status 2; nothing already written in the output folder is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import ImpusError
+
+DESCRIPTION = "Morph one image into another with a diffusion model (IMPUS, ICLR 2024)."
+
+
+def _add_morph(sub) -> None:
+    from .config import PRESETS, SCHEDULES
+    from .models import DEFAULT_MODEL
+
+    p = sub.add_parser("morph", help="morph image A into image B",
+                       description="Morph image A into image B and write DIR/morph.gif, DIR/morph.mp4, "
+                                   "DIR/strip.png, DIR/frames/ and DIR/morph.json. Stage outputs are "
+                                   "cached in DIR/cache, so a rerun with other sampling settings "
+                                   "skips training.")
+    p.add_argument("image_a", help="first image (any format Pillow reads, any size)")
+    p.add_argument("image_b", help="second image")
+    p.add_argument("--prompt", required=True,
+                   help="what both images show, e.g. 'a photo of an animal'")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id or folder of an SD 1.x/2.x model, 'classroom' (small, offline, CPU) "
+                        f"or 'tiny' (random weights, for tests); default {DEFAULT_MODEL}")
+    p.add_argument("--preset", default="fast", choices=sorted(PRESETS),
+                   help="'fast' (default, this package's tuned settings) or 'paper' (IMPUS's)")
+    count = p.add_mutually_exclusive_group()
+    count.add_argument("--frames", type=int, help="number of frames, perceptually even (>= 2)")
+    count.add_argument("--lpips-step", type=float,
+                       help="LPIPS distance between consecutive frames; the frame count follows "
+                            "(default 0.2)")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="how alphas are chosen (default: the preset's)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the model's resolution)")
+    p.add_argument("--resize", choices=("crop", "resize"), default="crop",
+                   help="'crop' keeps the aspect ratio and cuts the centre square (default); "
+                        "'resize' stretches")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", help="'cuda', 'cpu', 'mps' (default: the best available)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
+                   help="weights precision (default: fp16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--fps", type=float, default=8.0, help="frames per second of the GIF/MP4")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write DIR/cache")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+
+
+def _run_morph(args) -> int:
+    from .config import MorphConfig
+    from .errors import InputError
+    from .models import load_model
+    from .morph import morph
+
+    for path in (args.image_a, args.image_b):
+        if not Path(path).is_file():
+            raise InputError(f"Image not found: '{path}'.")
+    changes = {"seed": args.seed, "resize_mode": args.resize}
+    if args.frames is not None:
+        changes["frames"] = args.frames
+    if args.lpips_step is not None:
+        changes["lpips_step"] = args.lpips_step
+    if args.schedule:
+        changes["schedule"] = args.schedule
+    if args.size:
+        changes["size"] = args.size
+    config = MorphConfig.preset(args.preset, **changes)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    out = Path(args.out)
+    result = morph(model, args.image_a, args.image_b, args.prompt, config,
+                   cache_dir=None if args.no_cache else out / "cache")
+    paths = result.save_all(out, fps=args.fps)
+    print(f"{len(result.frames)} frames, alphas {', '.join(f'{a:.3f}' for a in result.alphas)}")
+    print(f"LPIPS ({result.lpips_trunk} trunk) between frames: "
+          f"{', '.join(f'{d:.3f}' for d in result.distances)}")
+    print(f"LoRA rank {result.lora_rank}" + (f" (rPPD {result.rppd:.3f})" if result.rppd is not None else ""))
+    print(f"{'stage':<12} {'seconds':>8} {'UNet evals':>11}  cached")
+    for name, s in result.stats.items():
+        print(f"{name:<12} {s.seconds:8.1f} {s.unet_evals:11d}  {'yes' if s.cached else ''}")
+    print(f"{'total':<12} {result.seconds:8.1f} {result.unet_evals:11d}")
+    print(f"wrote {paths['morph.gif']}, {paths['morph.mp4']}, {paths['strip.png']}, "
+          f"{paths['frames']}/, {paths['morph.json']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m impus_lite", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_morph(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and run the command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "morph":
+            return _run_morph(args)
+    except ImpusError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept in the cache", file=sys.stderr)
+        return 130
+    return 1

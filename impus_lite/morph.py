@@ -1,0 +1,399 @@
+"""The full IMPUS pipeline: stages in order, a cache of their outputs, the result (notebook 07).
+
+    from impus_lite import load_model, morph, MorphConfig
+    model = load_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    result = morph(model, "cat.png", "dog.png", prompt="a photo of an animal",
+                   config=MorphConfig.preset("fast"), cache_dir="out/cache")
+    result.save("morph.gif")
+
+Stages (SPEC.md numbering): 1 encode, 2 text embeddings, 3 DDIM inversion, 4 rPPD and rank,
+5-6 conditional and unconditional LoRA, 7 re-inversion, 8-9 choose alphas and render.
+:class:`Morpher` runs them one at a time (the notebooks call each stage on its own);
+:func:`morph` runs them all. Each stage records its seconds and UNet evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .cache import StageCache, stage_key
+from .config import MorphConfig
+from .images import ImageLike, load_image, tensor_digest, tensor_to_pil
+from .interp import lerp, slerp
+from .inversion import ddim_invert, ddim_sample
+from .lora import (COND_ADAPTER, UNCOND_ADAPTER, adapter_state, add_lora, is_outlier_code,
+                   load_adapter_state, rank_from_rppd, train_lora)
+from .models import DiffusionModel
+from .perceptual import Lpips, load_lpips, rppd as rppd_of
+from .schedules import (FrameCache, Schedule, beta_alphas, fixed_schedule, perceptual_search,
+                        rescheduled_search, search_frame_count, uniform_alphas)
+from .text import check_prompt, encode_prompt, optimize_embedding, unconditional_embedding
+
+STAGES = ("encode", "text", "inversion", "rppd", "lora", "reinversion", "frames")
+
+
+@dataclass
+class StageStats:
+    """Cost of one stage: wall-clock seconds, UNet evaluations (latents through the UNet,
+    counting each branch of guidance), and whether its output came from the cache."""
+
+    seconds: float = 0.0
+    unet_evals: int = 0
+    cached: bool = False
+
+
+@dataclass
+class MorphResult:
+    """The frames of a morph and how they were made.
+
+    Attributes:
+        frames: K RGB images; ``images`` the same as a tensor (K, 3, S, S) in [-1, 1].
+        alphas: K increasing floats from 0 to 1.
+        distances: K-1 consecutive LPIPS distances (trunk in ``lpips_trunk``).
+        lora_rank, rppd, outlier: the bottleneck chosen (rppd None when the rank was given).
+        stats: per stage, seconds and UNet evaluations.
+    """
+
+    frames: list
+    images: torch.Tensor
+    alphas: list[float]
+    distances: list[float]
+    config: MorphConfig
+    prompt: str
+    model_name: str
+    lpips_trunk: str
+    lora_rank: int
+    rppd: Optional[float]
+    outlier: bool
+    step: Optional[float]
+    stats: dict[str, StageStats] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def unet_evals(self) -> int:
+        return sum(s.unet_evals for s in self.stats.values())
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.stats.values())
+
+    def summary(self) -> dict:
+        """Everything but the pixels, JSON-serialisable."""
+        from . import __version__
+        from .perceptual import pdv, ppl_path_sum, smoothness
+        return {
+            "impus_lite": __version__, "model": self.model_name, "prompt": self.prompt,
+            "config": self.config.to_dict(), "alphas": self.alphas, "distances": self.distances,
+            "lpips": f"alex, trunk={self.lpips_trunk}, inputs in [-1, 1]",
+            "lpips_step": self.step, "lora_rank": self.lora_rank, "rppd": self.rppd,
+            "outlier_pair": self.outlier,
+            "metrics": {"ppl_path_sum": ppl_path_sum(self.distances), "pdv": pdv(self.distances),
+                        "smoothness": smoothness(self.distances)},
+            "unet_evals": self.unet_evals, "seconds": round(self.seconds, 3),
+            "stages": {k: vars(v) for k, v in self.stats.items()}, "notes": self.notes,
+        }
+
+    def save(self, path: Union[str, Path], fps: float = 8.0) -> Path:
+        """Save by extension: .gif / .mp4 (animation), .png (strip), .json (summary)."""
+        from . import viz
+        return viz.save_result(self, path, fps=fps)
+
+    def save_all(self, out_dir: Union[str, Path], fps: float = 8.0) -> dict[str, Path]:
+        """Write morph.gif, morph.mp4, strip.png, frames/frame_XXX.png and morph.json."""
+        from . import viz
+        return viz.save_all(self, out_dir, fps=fps)
+
+
+class Morpher:
+    """The IMPUS stages for one pair of images, each callable on its own and cached.
+
+    Args:
+        model: a loaded :class:`DiffusionModel` (its LoRA adapters are replaced).
+        image0, image1: paths or PIL images, any size and mode.
+        prompt: what the two images share, e.g. "a photo of an animal".
+        config: a :class:`MorphConfig` (default: the "fast" preset).
+        cache_dir: folder for stage outputs (None: no cache).
+        lpips: the distance for rPPD and the alpha search (default: :func:`load_lpips`).
+    """
+
+    def __init__(self, model: DiffusionModel, image0: ImageLike, image1: ImageLike, prompt: str,
+                 config: Optional[MorphConfig] = None, cache_dir: Union[str, Path, None] = None,
+                 lpips: Optional[Lpips] = None, progress: bool = True):
+        self.model = model
+        self.config = config or MorphConfig.preset("fast")
+        check_prompt(model, prompt)
+        self.prompt = prompt
+        size = self.config.size or model.resolution
+        factor = model.vae_scale_factor
+        if size % factor:
+            from .errors import InputError
+            raise InputError(f"Image size {size} is not a multiple of the VAE factor {factor}.")
+        self.images = torch.cat([load_image(image0, size, self.config.resize_mode),
+                                 load_image(image1, size, self.config.resize_mode)])
+        self.cache = StageCache(cache_dir)
+        self.lpips = lpips or load_lpips(device=model.device)
+        self.progress = progress
+        self.stats: dict[str, StageStats] = {}
+        self._values: dict[str, object] = {}
+        model.remove_adapters()
+        digests = [tensor_digest(self.images[i]) for i in range(2)]
+        self._base = dict(model=model.fingerprint, prompt=prompt)
+        self._digests = digests
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        stats = self.stats.setdefault(name, StageStats())
+        evals, start = self.model.unet_evals, time.perf_counter()
+        try:
+            yield stats
+        finally:
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize()
+            stats.seconds += time.perf_counter() - start
+            stats.unet_evals += self.model.unet_evals - evals
+
+    def _once(self, name: str, compute):
+        if name not in self._values:
+            self._values[name] = compute()
+        return self._values[name]
+
+    def _keys(self) -> dict:
+        c = self.config
+        text = [stage_key("text", image=d, steps=c.text_steps, lr=c.text_lr, seed=c.seed, **self._base)
+                for d in self._digests]
+        inversion = [stage_key("inversion", text=t, steps=c.inversion_steps) for t in text]
+        return {"text": text, "inversion": inversion}
+
+    # ---- stage 1 ---------------------------------------------------------------------------
+    def latents(self) -> torch.Tensor:
+        """Stage 1: VAE latents (2, 4, S/f, S/f) of the two images."""
+        def compute():
+            with self._stage("encode"):
+                return self.model.encode(self.images)
+        return self._once("latents", compute)
+
+    # ---- stage 2 ---------------------------------------------------------------------------
+    def prompt_embedding(self) -> torch.Tensor:
+        """The shared prompt's embedding (1, L, D)."""
+        return self._once("prompt_embedding", lambda: encode_prompt(self.model, self.prompt))
+
+    def uncond_embedding(self) -> torch.Tensor:
+        """The empty prompt's embedding (1, L, D)."""
+        return self._once("uncond_embedding", lambda: unconditional_embedding(self.model))
+
+    def embeddings(self) -> torch.Tensor:
+        """Stage 2: one optimised embedding per image, (2, L, D); the prompt's when text_steps=0."""
+        def compute():
+            latents, base, keys = self.latents(), self.prompt_embedding(), self._keys()["text"]
+            out = []
+            with self._stage("text") as stats:
+                for i in range(2):
+                    cached = self.cache.load("text", keys[i])
+                    if cached is None:
+                        result = optimize_embedding(
+                            self.model, latents[i:i + 1], base, self.config.text_steps,
+                            self.config.text_lr, seed=self.config.seed + i, progress=self.progress,
+                            desc=f"text embedding {i}")
+                        cached = {"embedding": result.embedding.cpu(),
+                                  "losses": torch.tensor(result.losses)}
+                        self.cache.save("text", keys[i], cached)
+                    else:
+                        stats.cached = True
+                    self._values[f"text_losses{i}"] = cached["losses"].tolist()
+                    out.append(cached["embedding"].to(self.model.device))
+            return torch.cat(out)
+        return self._once("embeddings", compute)
+
+    # ---- stages 3 and 7 -------------------------------------------------------------------
+    def _invert(self, stage: str, keys: Sequence[str], adapter: Optional[str]) -> torch.Tensor:
+        latents, embeddings = self.latents(), self.embeddings()
+        codes = []
+        with self._stage(stage) as stats:
+            for i in range(2):
+                cached = self.cache.load(stage, keys[i])
+                if cached is None:
+                    code = ddim_invert(self.model, latents[i:i + 1], embeddings[i:i + 1],
+                                       self.config.inversion_steps, adapter=adapter,
+                                       progress=self.progress, desc=f"{stage} {i}")
+                    cached = {"code": code.cpu()}
+                    self.cache.save(stage, keys[i], cached)
+                else:
+                    stats.cached = True
+                codes.append(cached["code"].to(self.model.device))
+        return torch.cat(codes)
+
+    def base_codes(self) -> torch.Tensor:
+        """Stage 3: DDIM codes (2, 4, h, w) of both images under the un-adapted model."""
+        return self._once("base_codes", lambda: self._invert("inversion", self._keys()["inversion"], None))
+
+    # ---- stage 4 ---------------------------------------------------------------------------
+    def rank(self) -> int:
+        """Stage 4: the conditional LoRA rank (config.lora_rank, or IMPUS's rule from rPPD)."""
+        def compute():
+            if self.config.lora_rank is not None:
+                return self.config.lora_rank
+            c = self.config
+            key = stage_key("rppd", inversion=self._keys()["inversion"], frames=c.rppd_frames,
+                            steps=c.sample_steps, w=(c.min_guidance, c.max_guidance),
+                            lpips=self.lpips.trunk)
+            cached = self.cache.load("rppd", key)
+            codes = self.base_codes() if cached is None else None
+            with self._stage("rppd") as stats:
+                if cached is None:
+                    outlier = any(is_outlier_code(codes[i]) for i in range(2))
+                    frames = self.render(uniform_alphas(c.rppd_frames), adapted=False)
+                    d = self.lpips(frames[:-1], frames[1:]).tolist()
+                    end = float(self.lpips(frames[:1], frames[-1:])[0])
+                    value = rppd_of(d, end) if end > 0 else 0.0
+                    cached = {"rppd": torch.tensor(value), "outlier": torch.tensor(outlier)}
+                    self.cache.save("rppd", key, cached)
+                else:
+                    stats.cached = True
+            self._values["rppd"] = float(cached["rppd"])
+            self._values["outlier"] = bool(cached["outlier"])
+            return rank_from_rppd(self._values["rppd"], self._values["outlier"])
+        return self._once("rank", compute)
+
+    # ---- stages 5 and 6 -------------------------------------------------------------------
+    def adapters(self) -> tuple[Optional[str], Optional[str]]:
+        """Stages 5-6: train (or load) the adapters; returns (conditional, unconditional) names."""
+        def compute():
+            c, rank = self.config, self.rank()
+            latents, embeddings = self.latents(), self.embeddings()
+            keys = self._keys()["text"]
+            cond = uncond = None
+            with self._stage("lora") as stats:
+                if rank > 0:
+                    key = stage_key("lora", text=keys, rank=rank, steps=c.lora_steps, lr=c.lora_lr, seed=c.seed)
+                    cond = self._adapter(COND_ADAPTER, key, rank, c.lora_steps, c.lora_lr,
+                                         [embeddings[0:1], embeddings[1:2]], stats)
+                if c.uncond_lora_rank > 0:
+                    key = stage_key("uncond_lora", text=keys, rank=c.uncond_lora_rank,
+                                    steps=c.uncond_lora_steps, lr=c.uncond_lora_lr, seed=c.seed)
+                    empty = self.uncond_embedding()
+                    uncond = self._adapter(UNCOND_ADAPTER, key, c.uncond_lora_rank, c.uncond_lora_steps,
+                                           c.uncond_lora_lr, [empty, empty], stats)
+            return cond, (uncond if uncond is not None else cond)
+        return self._once("adapters", compute)
+
+    def _adapter(self, name, key, rank, steps, lr, embeddings, stats) -> str:
+        cached = self.cache.load(name + "_lora", key)
+        if cached is None:
+            add_lora(self.model, name, rank)
+            latents = self.latents()
+            train_lora(self.model, name, [latents[0:1], latents[1:2]], embeddings, steps, lr,
+                       seed=self.config.seed, progress=self.progress, desc=f"{name} LoRA r={rank}")
+            self.cache.save(name + "_lora", key, adapter_state(self.model, name))
+        else:
+            stats.cached = True
+            load_adapter_state(self.model, name, rank, cached)
+        return name
+
+    # ---- stage 7 ---------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """Stage 7: the codes (2, 4, h, w) that frames start from (re-inverted with the
+        conditional adapter; the base codes when there is no adapter)."""
+        def compute():
+            cond, _ = self.adapters()
+            if cond is None:
+                return self.base_codes()
+            c = self.config
+            lora_key = stage_key("lora", text=self._keys()["text"], rank=self.rank(), steps=c.lora_steps,
+                                 lr=c.lora_lr, seed=c.seed)
+            keys = [stage_key("reinversion", lora=lora_key, image=i, steps=c.inversion_steps) for i in range(2)]
+            return self._invert("reinversion", keys, cond)
+        return self._once("codes", compute)
+
+    # ---- stage 8 ---------------------------------------------------------------------------
+    def render(self, alphas: Sequence[float], adapted: bool = True) -> torch.Tensor:
+        """Stage 8: frames (K, 3, S, S) in [-1, 1] at ``alphas``.
+
+        Embedding ``lerp(e0, e1, a)``, start code ``slerp(z0, z1, a)``, guidance
+        ``config.guidance(a)``, ``config.sample_steps`` DDIM steps, in batches of
+        ``config.batch_size``. ``adapted=False`` uses the un-adapted model and base codes
+        (the rPPD probe).
+        """
+        embeddings = self.embeddings()
+        if adapted:
+            cond_adapter, uncond_adapter = self.adapters()
+            codes = self.codes()
+        else:
+            cond_adapter = uncond_adapter = None
+            codes = self.base_codes()
+        uncond = self.uncond_embedding()
+        out = []
+        for start in range(0, len(alphas), self.config.batch_size):
+            chunk = [float(a) for a in alphas[start:start + self.config.batch_size]]
+            k = len(chunk)
+            cond = lerp(embeddings[0:1], embeddings[1:2], chunk).reshape(k, *embeddings.shape[1:])
+            start_codes = slerp(codes[0:1], codes[1:2], chunk).reshape(k, *codes.shape[1:])
+            guidance = torch.tensor([self.config.guidance(a) for a in chunk])
+            latents = ddim_sample(self.model, start_codes, cond, uncond, guidance, self.config.sample_steps,
+                                  cond_adapter, uncond_adapter, progress=False)
+            out.append(self.model.decode(latents).cpu())
+        return torch.cat(out)
+
+    # ---- stage 9 ---------------------------------------------------------------------------
+    def schedule(self) -> Schedule:
+        """Stage 9: choose the alphas and render the frames (see :mod:`impus_lite.schedules`)."""
+        def compute():
+            self.codes()  # train and invert first, so their cost is not counted here
+            c = self.config
+            with self._stage("frames"):
+                cache = FrameCache(self._render_with_bar, c.batch_size)
+                if c.schedule == "uniform":
+                    return fixed_schedule(uniform_alphas(c.frames), cache, self.lpips)
+                if c.schedule == "beta":
+                    return fixed_schedule(beta_alphas(c.frames, c.beta_a, c.beta_b), cache, self.lpips)
+                if c.schedule == "reschedule":
+                    return rescheduled_search(cache, self.lpips, c.frames, c.reschedule_passes, c.lpips_tol,
+                                              step=c.lpips_step, max_frames=c.max_frames)
+                if c.frames is not None:
+                    return search_frame_count(cache, self.lpips, c.frames, c.lpips_tol, c.search_candidates)
+                return perceptual_search(cache, self.lpips, c.lpips_step, c.lpips_tol, c.search_candidates,
+                                         c.max_frames)
+        return self._once("schedule", compute)
+
+    def _render_with_bar(self, alphas: Sequence[float]) -> torch.Tensor:
+        bar = self._values.get("frame_bar")
+        if bar is None:
+            bar = tqdm(desc="frames rendered", unit="frame", disable=not self.progress, leave=False)
+            self._values["frame_bar"] = bar
+        frames = self.render(alphas)
+        bar.update(len(alphas))
+        return frames
+
+    def run(self) -> MorphResult:
+        """Run every stage and return the :class:`MorphResult`."""
+        steps = [("encode", self.latents), ("text", self.embeddings), ("rank", self.rank),
+                 ("lora", self.adapters), ("reinversion", self.codes), ("frames", self.schedule)]
+        bar = tqdm(steps, desc="morph", disable=not self.progress)
+        for name, call in bar:
+            bar.set_postfix_str(name)
+            call()
+        frame_bar = self._values.pop("frame_bar", None)
+        if frame_bar is not None:
+            frame_bar.close()
+        schedule = self.schedule()
+        return MorphResult(
+            frames=tensor_to_pil(schedule.frames), images=schedule.frames, alphas=schedule.alphas,
+            distances=schedule.distances, config=self.config, prompt=self.prompt,
+            model_name=self.model.name, lpips_trunk=self.lpips.trunk, lora_rank=self.rank(),
+            rppd=self._values.get("rppd"), outlier=bool(self._values.get("outlier", False)),
+            step=schedule.step, stats=dict(self.stats), notes=list(schedule.notes))
+
+
+def morph(model: DiffusionModel, image0: ImageLike, image1: ImageLike, prompt: str,
+          config: Optional[MorphConfig] = None, cache_dir: Union[str, Path, None] = None,
+          lpips: Optional[Lpips] = None, progress: bool = True) -> MorphResult:
+    """Morph ``image0`` into ``image1`` with IMPUS (all stages; see :class:`Morpher`)."""
+    return Morpher(model, image0, image1, prompt, config, cache_dir, lpips, progress).run()

@@ -1,0 +1,195 @@
+"""Image distances and path metrics: LPIPS, PPL (two forms), PDV, smoothness, rPPD (notebooks 06, 08).
+
+Conventions (the papers disagree; these are the ones used everywhere in impus_lite):
+
+* LPIPS is ``lpips.LPIPS(net="alex")`` (version 0.1, the learned linear heads shipped in the
+  lpips wheel) on images in **[-1, 1]**, the range lpips expects. DiffMorpher feeds [0, 1] and
+  AID ImageNet-normalised tensors; both distort the distance.
+* The AlexNet trunk needs ImageNet weights from the internet (torchvision downloads them once
+  into ``torch.hub.get_dir()``). Without them the same lpips code runs on a random trunk with a
+  fixed seed: still a metric on images, not the perceptual one. :attr:`Lpips.trunk` says which
+  ("imagenet" or "random"); every result that uses LPIPS records it.
+* Path metrics take the K-1 consecutive distances ``d_k = LPIPS(x_k, x_{k+1})`` of K frames.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+TRUNKS = ("auto", "imagenet", "random")
+_ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+_CACHE: dict = {}
+
+
+def _alexnet_weights_cached() -> bool:
+    return (Path(torch.hub.get_dir()) / "checkpoints" / _ALEXNET_FILE).is_file()
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip() in ("1", "true", "True", "yes")
+               for k in ("IMPUS_LITE_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _build_lpips(pretrained_trunk: bool):
+    import lpips
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return lpips.LPIPS(net="alex", pretrained=True, pnet_rand=not pretrained_trunk, verbose=False)
+
+
+class Lpips:
+    """LPIPS distance between images in [-1, 1].
+
+    Call with two tensors (B, 3, H, W) (or (1, ...) against (B, ...), broadcast) and get a
+    float32 tensor (B,) of distances. Images smaller than 32 pixels a side are upsampled
+    (bilinear) to 32, the smallest size AlexNet's five layers accept.
+
+    Attributes:
+        trunk: "imagenet" (the real LPIPS) or "random" (random AlexNet trunk, fixed seed).
+    """
+
+    def __init__(self, trunk: str = "auto", device: Union[str, torch.device] = "cpu"):
+        if trunk not in TRUNKS:
+            raise InputError(f"Unknown LPIPS trunk '{trunk}': use one of {', '.join(TRUNKS)}.")
+        self.device = torch.device(device)
+        if trunk == "auto":
+            trunk = "imagenet" if _alexnet_weights_cached() else ("random" if _offline() else "download")
+        if trunk == "download":
+            previous = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(15)
+            try:
+                self.net, trunk = _build_lpips(True), "imagenet"
+            except Exception as error:  # no internet, proxy, broken download
+                warnings.warn(f"LPIPS: AlexNet ImageNet weights could not be downloaded ({error}); "
+                              "using a random trunk, which is not the perceptual metric.")
+                self.net, trunk = _build_lpips(False), "random"
+            finally:
+                socket.setdefaulttimeout(previous)
+        else:
+            self.net = _build_lpips(trunk == "imagenet")
+        self.trunk = trunk
+        self.net.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = a.to(self.device, torch.float32)
+        b = b.to(self.device, torch.float32)
+        if a.shape[0] != b.shape[0]:
+            a, b = torch.broadcast_tensors(a, b)
+        if a.shape[-1] < 32 or a.shape[-2] < 32:
+            size = (max(32, a.shape[-2]), max(32, a.shape[-1]))
+            a = torch.nn.functional.interpolate(a, size=size, mode="bilinear", align_corners=False)
+            b = torch.nn.functional.interpolate(b, size=size, mode="bilinear", align_corners=False)
+        return self.net(a, b, normalize=False).reshape(-1).float().cpu()
+
+    def __repr__(self) -> str:
+        return f"Lpips(net='alex', trunk='{self.trunk}', device='{self.device}')"
+
+
+def load_lpips(trunk: str = "auto", device: Union[str, torch.device] = "cpu") -> Lpips:
+    """A shared :class:`Lpips` per (trunk, device): building it once saves a second per call.
+
+    ``trunk="auto"`` uses the ImageNet trunk when its weights are cached or downloadable, and a
+    random trunk when offline (``IMPUS_LITE_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` skips the try).
+    """
+    key = (trunk, str(torch.device(device)))
+    if key not in _CACHE:
+        _CACHE[key] = Lpips(trunk, device)
+    return _CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Path metrics on consecutive distances
+# --------------------------------------------------------------------------------------------
+
+def consecutive_distances(frames: torch.Tensor, distance: Callable) -> np.ndarray:
+    """``d_k = distance(x_k, x_{k+1})`` for frames (K, 3, H, W) in [-1, 1] -> array (K-1,)."""
+    if frames.shape[0] < 2:
+        raise InputError("A path needs at least 2 frames.")
+    return np.asarray(distance(frames[:-1], frames[1:]), dtype=np.float64).reshape(-1)
+
+
+def _as_array(distances: Sequence[float]) -> np.ndarray:
+    d = np.asarray(distances, dtype=np.float64).reshape(-1)
+    if d.size == 0:
+        raise InputError("Path metrics need at least one consecutive distance (two frames).")
+    return d
+
+
+def ppl_path_sum(distances: Sequence[float]) -> float:
+    """Perceptual path length, path-sum form (DiffMorpher): ``sum_k d_k``."""
+    return float(_as_array(distances).sum())
+
+
+def pdv(distances: Sequence[float], use_std: bool = False) -> float:
+    """Perceptual distance variance (DiffMorpher): ``Var_k d_k`` (population variance).
+
+    ``use_std=True`` gives the standard deviation instead, as some scripts report.
+    """
+    d = _as_array(distances)
+    return float(d.std() if use_std else d.var())
+
+
+def gini(values: Sequence[float]) -> float:
+    """Gini coefficient ``sum_ij |v_i - v_j| / (2 n^2 mean(v))`` of non-negative values; 0 when
+    all are equal, (n-1)/n when one holds everything."""
+    v = _as_array(values)
+    if np.any(v < 0):
+        raise InputError("The Gini coefficient needs non-negative values.")
+    mean = v.mean()
+    if mean == 0:
+        return 0.0
+    return float(np.abs(v[:, None] - v[None, :]).sum() / (2 * v.size ** 2 * mean))
+
+
+def smoothness(distances: Sequence[float]) -> float:
+    """AID's smoothness: ``1 - Gini(d)``; 1 for perfectly even steps."""
+    return 1.0 - gini(distances)
+
+
+def rppd(distances: Sequence[float], end_distance: float) -> float:
+    """Relative perceptual path diversity (IMPUS): ``sum_k d_k / ((K-1) LPIPS(x_0, x_{K-1}))``.
+
+    The mean consecutive distance relative to the distance of the end frames. A path that
+    wanders (many changes between the ends) has a large rPPD and gets a higher LoRA rank;
+    IMPUS measures it on 10 uniform frames of the un-adapted model.
+    """
+    d = _as_array(distances)
+    if end_distance <= 0:
+        raise InputError("rPPD needs end frames at a positive distance from each other.")
+    return float(d.sum() / (d.size * end_distance))
+
+
+def ppl_stylegan(render: Callable[[Sequence[float]], torch.Tensor], distance: Callable,
+                 samples: int = 64, eps: float = 1e-4, seed: int = 0,
+                 batch_size: int = 8) -> float:
+    """Perceptual path length, StyleGAN form (IMPUS code): ``E_a[d(x(a), x(a + eps))] / eps^2``.
+
+    ``a ~ U[0, 1 - eps]``; the mean is taken over the samples between the 1st and 99th
+    percentiles (trimmed mean), as StyleGAN does.
+
+    Args:
+        render: alphas (a list of K floats) -> frames (K, 3, H, W) in [-1, 1].
+        distance: frames, frames -> (K,) distances (e.g. an :class:`Lpips`).
+    """
+    rng = np.random.default_rng(seed)
+    alphas = rng.uniform(0.0, 1.0 - eps, size=samples)
+    values = []
+    for start in range(0, samples, batch_size):
+        a = alphas[start:start + batch_size]
+        x = render(list(a))
+        y = render(list(a + eps))
+        values.extend(np.asarray(distance(x, y), dtype=np.float64).reshape(-1) / eps ** 2)
+    values = np.asarray(values)
+    lo, hi = np.percentile(values, [1, 99])
+    kept = values[(values >= lo) & (values <= hi)]
+    return float(kept.mean())

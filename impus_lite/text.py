@@ -1,0 +1,98 @@
+"""Prompt encoding and per-image text-embedding optimisation (IMPUS stage 2, notebook 03).
+
+A prompt becomes the CLIP text encoder's last hidden state, a (1, L, D) tensor (L = 77 tokens
+and D = 768 for SD 1.x). IMPUS starts both images from the embedding ``e`` of one shared prompt
+and optimises a copy of the whole (L, D) matrix for each image with the plain diffusion loss
+
+    e_i = argmin_e  E_{t, eps} || eps - eps_theta(sqrt(abar_t) z_i + sqrt(1 - abar_t) eps, t, e) ||^2,
+
+a textual inversion of the whole prompt. Interpolating between e_0 and e_1 then moves between
+two embeddings that each reconstruct their own image well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .models import DiffusionModel
+
+
+def check_prompt(model: DiffusionModel, prompt: str) -> None:
+    """Raise :class:`InputError` for an empty prompt or one longer than the tokenizer allows."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("The prompt is empty: name what the two images share, e.g. 'a photo of an animal'.")
+    limit = int(model.tokenizer.model_max_length)
+    count = len(model.tokenizer(prompt, truncation=False).input_ids)
+    if count > limit:
+        raise InputError(
+            f"The prompt is {count} tokens long but the text encoder reads at most {limit} "
+            "(start and end tokens included): shorten it.")
+
+
+@torch.no_grad()
+def encode_prompt(model: DiffusionModel, prompt: str, allow_empty: bool = False) -> torch.Tensor:
+    """Text embedding of ``prompt``: float32 tensor (1, L, D) on the model's device.
+
+    The tokens are padded to the tokenizer's ``model_max_length`` (77), as in Stable Diffusion.
+    ``allow_empty=True`` is for the unconditional embedding of ``""``.
+    """
+    if not allow_empty:
+        check_prompt(model, prompt)
+    tokens = model.tokenizer(prompt, padding="max_length", truncation=True,
+                             max_length=model.tokenizer.model_max_length, return_tensors="pt")
+    hidden = model.text_encoder(tokens.input_ids.to(model.device))[0]
+    return hidden.float()
+
+
+def unconditional_embedding(model: DiffusionModel) -> torch.Tensor:
+    """The embedding of the empty prompt (1, L, D): the unconditional branch of guidance."""
+    return encode_prompt(model, "", allow_empty=True)
+
+
+@dataclass
+class OptimizedEmbedding:
+    """Result of :func:`optimize_embedding`.
+
+    Attributes:
+        embedding: (1, L, D) float32, on the model's device.
+        losses: the diffusion loss at every step (noisy: each step draws one t and one eps).
+    """
+
+    embedding: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+
+
+def optimize_embedding(model: DiffusionModel, latents: torch.Tensor, embedding: torch.Tensor,
+                       steps: int, lr: float = 2e-3, seed: int = 0,
+                       progress: bool = True, desc: str = "text embedding") -> OptimizedEmbedding:
+    """Optimise a copy of ``embedding`` so the model denoises ``latents`` well (Adam).
+
+    Minimises the diffusion loss of :meth:`DiffusionModel.diffusion_loss` over the whole
+    (L, D) embedding, one random t and eps per step, ``steps`` Adam steps of rate ``lr``.
+    Model weights stay frozen. ``steps = 0`` returns the embedding unchanged.
+
+    Args:
+        latents: (1, 4, h, w) latent of one image.
+        embedding: (1, L, D) starting embedding (the shared prompt's).
+    """
+    if steps < 0:
+        raise InputError(f"Text optimisation steps must be >= 0, got {steps}.")
+    param = torch.nn.Parameter(embedding.detach().clone().float())
+    result = OptimizedEmbedding(param.detach())
+    if steps == 0:
+        return result
+    optimizer = torch.optim.Adam([param], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    with model.using_adapter(None):
+        for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+            loss = model.diffusion_loss(latents, param, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            result.losses.append(float(loss.detach()))
+    result.embedding = param.detach().clone()
+    return result
