@@ -38,7 +38,6 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .models import CLASSROOM_DIR, SD_SCHEDULER_CONFIG, impus_cache_dir, write_clip_tokenizer
 

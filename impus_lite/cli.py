@@ -60,9 +60,12 @@ def _run_morph(args) -> int:
     from .models import load_model
     from .morph import morph
 
-    for path in (args.image_a, args.image_b):
-        if not Path(path).is_file():
-            raise InputError(f"Image not found: '{path}'.")
+    from .images import open_rgb
+
+    for path in (args.image_a, args.image_b):  # fail on bad files before a model loads
+        open_rgb(path)
+    if not args.prompt.strip():
+        raise InputError("The prompt is empty: name what the two images share, e.g. 'a photo of an animal'.")
     changes = {"seed": args.seed, "resize_mode": args.resize}
     if args.frames is not None:
         changes["frames"] = args.frames

@@ -49,11 +49,11 @@ def is_outlier_code(codes: torch.Tensor) -> bool:
     return abs(var - 1.0) > 0.1 and var < 0.9
 
 
-def add_lora(model: DiffusionModel, name: str, rank: int) -> None:
+def add_lora(model: DiffusionModel, name: str, rank: int, seed: int = 0) -> None:
     """Attach a new LoRA adapter ``name`` of rank ``rank`` (scale lora_alpha / r = 1) to the UNet.
 
-    The adapter starts as the identity (peft initialises B = 0). Its weights are float32 so that
-    training is stable when the UNet runs in fp16.
+    The adapter starts as the identity (peft initialises B = 0 and A at random, here from
+    ``seed``). Its weights are float32 so that training is stable when the UNet runs in fp16.
     """
     from peft import LoraConfig
 
@@ -62,8 +62,9 @@ def add_lora(model: DiffusionModel, name: str, rank: int) -> None:
     if name in model.adapter_names():
         model.unet.delete_adapters(name)
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=list(LORA_TARGETS))
-    with warnings.catch_warnings():  # peft warns on every adapter after the first
-        warnings.filterwarnings("ignore", message=".*peft_config.*")
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.filterwarnings("ignore", message=".*peft_config.*")  # on every adapter after the first
+        torch.manual_seed(seed)
         model.unet.add_adapter(config, adapter_name=name)
     for param in adapter_parameters(model, name):
         param.data = param.data.float()

@@ -43,10 +43,12 @@ STAGES = ("encode", "text", "inversion", "rppd", "lora", "reinversion", "frames"
 @dataclass
 class StageStats:
     """Cost of one stage: wall-clock seconds, UNet evaluations (latents through the UNet,
-    counting each branch of guidance), and whether its output came from the cache."""
+    counting each branch of guidance), UNet calls (batches), and whether its output came from
+    the cache."""
 
     seconds: float = 0.0
     unet_evals: int = 0
+    unet_calls: int = 0
     cached: bool = False
 
 
@@ -152,7 +154,7 @@ class Morpher:
     @contextlib.contextmanager
     def _stage(self, name: str):
         stats = self.stats.setdefault(name, StageStats())
-        evals, start = self.model.unet_evals, time.perf_counter()
+        evals, calls, start = self.model.unet_evals, self.model.unet_calls, time.perf_counter()
         try:
             yield stats
         finally:
@@ -160,6 +162,7 @@ class Morpher:
                 torch.cuda.synchronize()
             stats.seconds += time.perf_counter() - start
             stats.unet_evals += self.model.unet_evals - evals
+            stats.unet_calls += self.model.unet_calls - calls
 
     def _once(self, name: str, compute):
         if name not in self._values:
@@ -288,7 +291,7 @@ class Morpher:
     def _adapter(self, name, key, rank, steps, lr, embeddings, stats) -> str:
         cached = self.cache.load(name + "_lora", key)
         if cached is None:
-            add_lora(self.model, name, rank)
+            add_lora(self.model, name, rank, seed=self.config.seed)
             latents = self.latents()
             train_lora(self.model, name, [latents[0:1], latents[1:2]], embeddings, steps, lr,
                        seed=self.config.seed, progress=self.progress, desc=f"{name} LoRA r={rank}")

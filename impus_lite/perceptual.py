@@ -41,7 +41,8 @@ def _offline() -> bool:
 
 def _build_lpips(pretrained_trunk: bool):
     import lpips
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*")
         torch.manual_seed(0)
         return lpips.LPIPS(net="alex", pretrained=True, pnet_rand=not pretrained_trunk, verbose=False)
 

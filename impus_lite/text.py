@@ -26,7 +26,7 @@ def check_prompt(model: DiffusionModel, prompt: str) -> None:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("The prompt is empty: name what the two images share, e.g. 'a photo of an animal'.")
     limit = int(model.tokenizer.model_max_length)
-    count = len(model.tokenizer(prompt, truncation=False).input_ids)
+    count = len(model.tokenizer(prompt, truncation=False, verbose=False).input_ids)
     if count > limit:
         raise InputError(
             f"The prompt is {count} tokens long but the text encoder reads at most {limit} "

@@ -48,7 +48,7 @@ _DDIM_EXTRA = dict(set_alpha_to_one=True, timestep_spacing="trailing", steps_off
 
 __all__ = [
     "SCHEDULE_CONFIG", "sample_gaussian", "sample_gaussian_mixture", "sample_moons",
-    "NoisePredictor", "ToyDiffusion", "train_toy_diffusion", "OTComparison",
+    "forward_noise", "NoisePredictor", "ToyDiffusion", "train_toy_diffusion", "OTComparison",
     "compare_with_exact_ot", "fit_gaussian", "gaussian_monge_matrix", "gaussian_monge_map",
 ]
 
@@ -143,6 +143,24 @@ def _as_points(x: ArrayLike, name: str = "x") -> torch.Tensor:
     return t
 
 
+def forward_noise(x: ArrayLike, timestep: int, seed: int = 0,
+                  scheduler_config: Optional[dict] = None) -> np.ndarray:
+    """Samples of the forward process q(x_t | x_0) (n, 2): ``sqrt(abar_t) x + sqrt(1 - abar_t) eps``.
+
+    eps ~ N(0, I) is seeded; ``timestep`` is in [0, T); the schedule is
+    :data:`SCHEDULE_CONFIG` unless ``scheduler_config`` is given (diffusers'
+    ``DDPMScheduler.add_noise``).
+    """
+    scheduler = DDPMScheduler(**(scheduler_config or SCHEDULE_CONFIG))
+    x = _as_points(x)
+    T = scheduler.config.num_train_timesteps
+    if int(timestep) != timestep or not 0 <= timestep < T:
+        raise ValueError(f"timestep must be an integer in [0, {T}), got {timestep}.")
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.full((x.shape[0],), int(timestep), dtype=torch.long)
+    return scheduler.add_noise(x, noise, t).double().numpy()
+
+
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
@@ -198,14 +216,8 @@ class ToyDiffusion:
         return DDPMScheduler(**self.scheduler_config).alphas_cumprod
 
     def forward_noise(self, x: ArrayLike, timestep: int, seed: int = 0) -> np.ndarray:
-        """Samples of q(x_t | x_0): ``sqrt(abar_t) x + sqrt(1 - abar_t) eps``, eps ~ N(0, I), (n, 2)."""
-        x = _as_points(x)
-        T = self.scheduler_config["num_train_timesteps"]
-        if not 0 <= int(timestep) < T:
-            raise ValueError(f"timestep must lie in [0, {T}), got {timestep}.")
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-        t = torch.full((x.shape[0],), int(timestep), dtype=torch.long)
-        return DDPMScheduler(**self.scheduler_config).add_noise(x, noise, t).double().numpy()
+        """Samples of q(x_t | x_0) under this model's schedule: see :func:`forward_noise`."""
+        return forward_noise(x, timestep, seed=seed, scheduler_config=self.scheduler_config)
 
     @torch.no_grad()
     def _run(self, scheduler, x: torch.Tensor, num_steps: int, trajectory: bool, progress: bool,

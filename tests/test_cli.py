@@ -1,0 +1,101 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import smooth_image
+from impus_lite.cli import main
+
+FAST_TINY = ["--model", "tiny", "--device", "cpu", "--frames", "3", "--size", "32"]
+
+
+@pytest.fixture
+def small_preset(monkeypatch):
+    """The CLI's presets shrunk to a few steps per stage, so the tiny model runs in seconds."""
+    from impus_lite import config
+    from conftest import TINY_CONFIG
+    monkeypatch.setitem(config.PRESETS, "fast", TINY_CONFIG.replace(frames=None))
+
+
+def test_cli_writes_every_output(image_pair, tmp_path, small_preset, capsys):
+    out = tmp_path / "out"
+    code = main(["morph", str(image_pair[0]), str(image_pair[1]), "--prompt", "a photo", *FAST_TINY,
+                 "--out", str(out)])
+    assert code == 0
+    for name in ("morph.gif", "morph.mp4", "strip.png", "morph.json"):
+        assert (out / name).stat().st_size > 100, name
+    frames = sorted((out / "frames").glob("frame_*.png"))
+    assert len(frames) == 3 and Image.open(frames[0]).size == (32, 32)
+    summary = json.loads((out / "morph.json").read_text())
+    assert len(summary["alphas"]) == 3 and len(summary["distances"]) == 2
+    assert summary["config"]["frames"] == 3 and "trunk=random" in summary["lpips"]
+    assert summary["unet_evals"] > 0 and "text" in summary["stages"]
+    gif = Image.open(out / "morph.gif")
+    assert gif.n_frames == 4  # 3 frames forward and the middle one back
+    assert "UNet evals" in capsys.readouterr().out
+    assert any((out / "cache").glob("text-*.pt"))
+
+
+def test_cli_help_explains_every_flag():
+    result = subprocess.run([sys.executable, "-m", "impus_lite", "morph", "--help"],
+                            capture_output=True, text=True, check=True)
+    for flag in ("--prompt", "--model", "--preset", "--frames", "--lpips-step", "--size", "--seed",
+                 "--out", "--resize", "--schedule"):
+        assert flag in result.stdout
+
+
+def _bad_input(tmp_path, name):
+    good = tmp_path / "good.png"
+    smooth_image(0).save(good)
+    if name == "missing":
+        return [str(tmp_path / "missing.png"), str(good)], "not found"
+    if name == "not_an_image":
+        path = tmp_path / "notes.png"
+        path.write_text("not pixels")
+        return [str(path), str(good)], "not an image"
+    if name == "truncated":
+        path = tmp_path / "cut.png"
+        smooth_image(1, (200, 200)).save(path)
+        path.write_bytes(path.read_bytes()[:300])
+        return [str(path), str(good)], "truncated or damaged"
+    return [str(good), str(good)], None
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("missing", [], "not found"),
+    ("not_an_image", [], "not an image"),
+    ("truncated", [], "truncated or damaged"),
+    ("ok", ["--prompt", ""], "prompt is empty"),
+    ("ok", ["--prompt", "y" * 120], "at most 77"),
+    ("ok", ["--frames", "1"], "at least 2 frames"),
+    ("ok", ["--model", "./no/such/folder"], "neither a folder nor a hub id"),
+])
+def test_bad_input_gets_one_sentence_and_exit_2(case, extra, message, tmp_path, small_preset, capsys):
+    images, expected = _bad_input(tmp_path, case)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.gif").write_bytes(b"GIF89a earlier result")
+    args = ["morph", *images, *FAST_TINY, "--out", str(out)]
+    if "--prompt" not in extra:
+        args += ["--prompt", "a photo"]
+    if "--frames" in extra:
+        args.remove("--frames"), args.remove("3")
+    if "--model" in extra:
+        i = args.index("--model")
+        del args[i:i + 2]
+    code = main(args + extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    last = err.strip().splitlines()[-1]  # earlier lines may be the model loader's progress bars
+    assert last.startswith("error: ") and (expected or message) in last
+    assert "Traceback" not in err and err.count("error: ") == 1
+    assert (out / "earlier.gif").read_bytes() == b"GIF89a earlier result"
+
+
+def test_cli_subprocess_exit_status_on_bad_input(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "impus_lite", "morph", str(tmp_path / "a.png"),
+                             str(tmp_path / "b.png"), "--prompt", "x", "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Image not found" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from impus_lite.errors import InputError
+from impus_lite.lora import (adapter_parameters, adapter_state, add_lora, is_outlier_code,
+                             load_adapter_state, rank_from_rppd, train_lora)
+from impus_lite.text import encode_prompt, unconditional_embedding
+
+
+@pytest.mark.parametrize("rppd, outlier, rank", [
+    (0.0, False, 1), (0.35, False, 1), (7 / 18 - 1e-9, False, 1), (0.40, False, 2), (0.45, False, 4),
+    (0.50, False, 8), (0.55, False, 8), (0.56, False, 16), (0.60, False, 16), (0.62, False, 32),
+    (0.70, False, 64), (0.35, True, 16), (0.62, True, 32),
+])
+def test_rank_rule_matches_the_reference_table(rppd, outlier, rank):
+    assert rank_from_rppd(rppd, outlier) == rank
+    assert rank == max(16 if outlier else 1, 2 ** max(0, math.floor(18 * rppd - 6)))
+
+
+def test_rank_rule_rejects_nonsense():
+    with pytest.raises(InputError):
+        rank_from_rppd(float("nan"))
+
+
+def test_outlier_rule():
+    assert not is_outlier_code(torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0)))
+    assert is_outlier_code(0.5 * torch.randn(4, 64, 64))     # variance 0.25
+    assert not is_outlier_code(1.2 * torch.randn(4, 64, 64))  # too large, but not < 0.9
+
+
+def _prediction(model, adapter, z, e):
+    with torch.no_grad(), model.using_adapter(adapter):
+        return model.unet(z, torch.tensor(400), encoder_hidden_states=e).sample
+
+
+def test_adapters_start_as_identity_and_train_apart(tiny_model):
+    model = tiny_model
+    model.remove_adapters()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    e = encode_prompt(model, "a photo").expand(2, -1, -1)
+    base = _prediction(model, None, z, e)
+    add_lora(model, "cond", 4)
+    add_lora(model, "uncond", 2)
+    base_weights = {n: p.clone() for n, p in model.unet.named_parameters() if "lora" not in n}
+    assert torch.equal(_prediction(model, "cond", z, e), base)
+    assert torch.equal(_prediction(model, "uncond", z, e), base)
+    assert sum(p.numel() for p in adapter_parameters(model, "cond")) == 2 * sum(
+        p.numel() for p in adapter_parameters(model, "uncond"))
+
+    latents = [z[:1], z[1:]]
+    losses = train_lora(model, "cond", latents, [e[:1], e[1:]], steps=6, lr=1e-2, progress=False)
+    empty = unconditional_embedding(model)
+    train_lora(model, "uncond", latents, [empty, empty], steps=3, lr=1e-2, progress=False)
+    assert len(losses) == 6
+    cond, uncond = _prediction(model, "cond", z, e), _prediction(model, "uncond", z, e)
+    assert (cond - base).abs().max() > 1e-3
+    assert (uncond - base).abs().max() > 1e-4
+    assert (cond - uncond).abs().max() > 1e-3
+    assert torch.equal(_prediction(model, None, z, e), base)  # adapters switch off cleanly
+    for n, p in model.unet.named_parameters():  # only LoRA matrices trained
+        if "lora" not in n:
+            assert torch.equal(p, base_weights[n]), n
+
+    state = adapter_state(model, "cond")
+    model.remove_adapters()
+    assert model.adapter_names() == []
+    load_adapter_state(model, "cond", 4, state)
+    assert torch.allclose(_prediction(model, "cond", z, e), cond, atol=1e-6)
+    model.remove_adapters()
+
+
+def test_unknown_adapter(tiny_model):
+    with pytest.raises(KeyError):
+        train_lora(tiny_model, "missing", [torch.zeros(1, 4, 8, 8)], [torch.zeros(1, 77, 32)], 1)

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+import torch
+
+from impus_lite.errors import ModelLoadError
+from impus_lite.models import load_model, tiny_model_dir
+
+
+def test_tiny_model_loads_through_the_diffusers_loader(tiny_model):
+    assert (tiny_model_dir() / "model_index.json").is_file()
+    index = json.loads((tiny_model_dir() / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert tiny_model.resolution == 32 and tiny_model.vae_scale_factor == 4
+    assert tiny_model.dtype == torch.float32 and tiny_model.device.type == "cpu"
+
+
+def test_latents_are_scaled_to_unit_std_and_decode_to_the_image_range(tiny_model):
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z = tiny_model.encode(x)
+    assert z.shape == (4, 4, 8, 8)
+    assert 0.5 < z.std().item() < 2.0
+    y = tiny_model.decode(z)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+
+
+def test_unet_evaluations_are_counted_per_latent(tiny_model):
+    before = tiny_model.unet_evals
+    emb = torch.zeros(3, 77, 32)
+    with torch.no_grad():
+        tiny_model.unet(torch.zeros(3, 4, 8, 8), 10, encoder_hidden_states=emb)
+    assert tiny_model.unet_evals - before == 3
+
+
+def test_uncached_hub_model_offline_names_the_cache_and_the_options(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        load_model("nobody-here/not-a-cached-model", device="cpu")
+    message = str(info.value)
+    assert "Hugging Face cache" in message and "--model classroom" in message
+    assert "\n" not in message
+
+
+def test_folder_without_model_index(tmp_path):
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_name_that_is_neither_folder_nor_hub_id():
+    with pytest.raises(ModelLoadError, match="neither a folder nor a hub id"):
+        load_model("./missing/folder/x", device="cpu")

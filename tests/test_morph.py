@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, smooth_image
+from impus_lite import MorphConfig, Morpher, morph
+from impus_lite.config import PRESETS
+from impus_lite.errors import InputError
+
+
+def run(model, pair, config, lpips, cache_dir=None):
+    return morph(model, pair[0], pair[1], "a photo", config, cache_dir=cache_dir, lpips=lpips, progress=False)
+
+
+def test_morph_gives_the_frames_asked_for(tiny_model, image_pair, lpips_random):
+    result = run(tiny_model, image_pair, TINY_CONFIG.replace(frames=4), lpips_random)
+    assert len(result.frames) == 4 == len(result.alphas) == len(result.distances) + 1
+    assert result.alphas[0] == 0.0 and result.alphas[-1] == 1.0
+    assert result.images.shape == (4, 3, 32, 32) and result.frames[0].size == (32, 32)
+    assert result.lpips_trunk == "random" and result.lora_rank >= 1 and result.rppd is not None
+    stages = set(result.stats)
+    assert {"encode", "text", "inversion", "rppd", "lora", "reinversion", "frames"} <= stages
+    assert result.unet_evals == sum(s.unet_evals for s in result.stats.values()) > 0
+    # Text optimisation: 3 steps x 2 images, one UNet evaluation each.
+    assert result.stats["text"].unet_evals == 6
+
+
+def test_same_seed_same_frames(tiny_model, image_pair, lpips_random):
+    a = run(tiny_model, image_pair, TINY_CONFIG, lpips_random)
+    b = run(tiny_model, image_pair, TINY_CONFIG, lpips_random)
+    assert torch.equal(a.images, b.images) and a.alphas == b.alphas
+
+
+def test_cache_is_hit_on_rerun_and_missed_when_an_image_changes(tiny_model, image_pair, lpips_random, tmp_path):
+    cache = tmp_path / "cache"
+    first = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, cache)
+    assert not any(s.cached for s in first.stats.values())
+    again = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, cache)
+    for stage in ("text", "rppd", "lora", "reinversion"):
+        assert again.stats[stage].cached and again.stats[stage].unet_evals == 0, stage
+    assert "inversion" not in again.stats  # only the rPPD probe needs the base codes, and it is cached
+    assert again.unet_evals == again.stats["frames"].unet_evals
+    assert torch.allclose(again.images, first.images, atol=1e-5)
+
+    # Other sampling settings: training stages still come from the cache.
+    resampled = run(tiny_model, image_pair, TINY_CONFIG.replace(max_guidance=5.0), lpips_random, cache)
+    assert resampled.stats["text"].cached and resampled.stats["lora"].cached
+    assert not torch.allclose(resampled.images, first.images, atol=1e-4)
+
+    # Same file name, new content: nothing stale is reused.
+    smooth_image(9, (40, 48)).save(image_pair[0])
+    changed = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, cache)
+    assert not changed.stats["lora"].cached and not changed.stats["reinversion"].cached
+    assert changed.stats["text"].unet_evals == 3  # image 1's embedding is reused, image 0's is not
+    assert not any(p.suffix == ".tmp" for p in cache.iterdir())
+
+
+# One changed value per field; each must change the frames, the alphas or the cost.
+FIELD_CHANGES = {
+    "size": 16, "resize_mode": "resize", "text_steps": 5, "text_lr": 0.05, "inversion_steps": 6,
+    "lora_rank": 3, "rppd_frames": 4, "lora_steps": 3, "lora_lr": 0.05, "uncond_lora_rank": 0,
+    "uncond_lora_steps": 4, "uncond_lora_lr": 0.05, "sample_steps": 4, "min_guidance": 1.0,
+    "max_guidance": 5.0, "schedule": "uniform", "frames": 4, "reschedule_passes": 1,
+    "batch_size": 1, "seed": 1,
+    # Fields read only under some schedules, checked against a base config that uses them:
+    "lpips_step": 0.004, "lpips_tol": 0.0005, "search_candidates": 3, "max_frames": 3,
+    "beta_a": 5.0, "beta_b": 0.5,
+}
+BASES = {
+    "lpips_step": dict(schedule="perceptual", frames=None, lpips_step=0.01, lpips_tol=0.002),
+    "lpips_tol": dict(schedule="perceptual", frames=None, lpips_step=0.004, lpips_tol=0.002),
+    "search_candidates": dict(schedule="perceptual", frames=None, lpips_step=0.004, lpips_tol=0.0005),
+    "max_frames": dict(schedule="perceptual", frames=None, lpips_step=0.004, lpips_tol=0.001),
+    "beta_a": dict(schedule="beta"), "beta_b": dict(schedule="beta"),
+    "reschedule_passes": dict(reschedule_passes=3, frames=5, lpips_tol=0.0),
+    "schedule": dict(reschedule_passes=3, frames=5, lpips_tol=0.0),
+}
+
+
+def _signature(result):
+    return (result.images, result.alphas, result.unet_evals,
+            sum(s.unet_calls for s in result.stats.values()))
+
+
+def test_every_config_field_is_covered():
+    assert set(FIELD_CHANGES) == set(MorphConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("field", sorted(FIELD_CHANGES))
+def test_each_config_field_changes_the_output_or_the_cost(field, tiny_model, image_pair, lpips_random):
+    base = TINY_CONFIG.replace(**BASES.get(field, {}))
+    changed = base.replace(**{field: FIELD_CHANGES[field]})
+    assert getattr(changed, field) != getattr(base, field)
+    images0, alphas0, evals0, calls0 = _signature(run(tiny_model, image_pair, base, lpips_random))
+    images1, alphas1, evals1, calls1 = _signature(run(tiny_model, image_pair, changed, lpips_random))
+    same_frames = images0.shape == images1.shape and torch.allclose(images0, images1, atol=1e-5)
+    assert not (same_frames and alphas0 == alphas1 and evals0 == evals1 and calls0 == calls1)
+
+
+def test_presets_hold_the_reference_numbers():
+    paper = MorphConfig.preset("paper")
+    assert (paper.text_steps, paper.text_lr, paper.inversion_steps, paper.lora_steps, paper.lora_lr) == \
+        (2500, 2e-3, 250, 150, 1e-3)
+    assert (paper.uncond_lora_rank, paper.uncond_lora_steps, paper.sample_steps) == (2, 15, 16)
+    assert (paper.min_guidance, paper.max_guidance, paper.lpips_step, paper.lpips_tol) == (1.5, 3.0, 0.2, 0.01)
+    assert paper.rppd_frames == 10 and paper.lora_rank is None and paper.schedule == "perceptual"
+    assert paper.guidance(0.0) == 1.5 and paper.guidance(0.5) == 3.0 and paper.guidance(0.75) == 2.25
+    assert set(PRESETS) == {"paper", "fast"}
+    with pytest.raises(Exception):
+        paper.text_steps = 1  # frozen
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(frames=1), "at least 2 frames"), (dict(schedule="zigzag"), "Unknown schedule"),
+    (dict(lpips_step=0), "must be positive"), (dict(schedule="uniform", frames=None), "needs a frame count"),
+])
+def test_bad_config_values(changes, message):
+    with pytest.raises(InputError, match=message):
+        MorphConfig.preset("fast", **changes)
+
+
+def test_unknown_preset():
+    with pytest.raises(InputError, match="Unknown preset"):
+        MorphConfig.preset("slow")
+
+
+def test_stages_run_one_at_a_time(tiny_model, image_pair, lpips_random):
+    m = Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(lora_rank=2), lpips=lpips_random,
+                progress=False)
+    assert m.latents().shape == (2, 4, 8, 8)
+    assert m.embeddings().shape == (2, 77, 32)
+    assert m.base_codes().shape == (2, 4, 8, 8)
+    assert m.rank() == 2 and "rppd" not in m.stats  # a given rank skips the probe
+    assert m.adapters() == ("cond", "uncond")
+    frames = m.render([0.0, 0.5, 1.0])
+    assert frames.shape == (3, 3, 32, 32) and frames.min() >= -1 and frames.max() <= 1
+
+
+def test_size_must_fit_the_vae(tiny_model, image_pair, lpips_random):
+    with pytest.raises(InputError, match="multiple of the VAE factor"):
+        Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(size=30), lpips=lpips_random)

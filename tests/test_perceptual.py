@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+
+from impus_lite.errors import InputError
+from impus_lite.perceptual import (Lpips, consecutive_distances, gini, pdv, ppl_path_sum, ppl_stylegan,
+                                   rppd, smoothness)
+
+
+def test_gini_and_smoothness_closed_forms():
+    assert gini([0.2] * 7) == pytest.approx(0.0)
+    assert gini([0, 0, 0, 1.0]) == pytest.approx(3 / 4)
+    assert gini([1.0, 3.0]) == pytest.approx(4 / (2 * 4 * 2))  # sum_ij |xi-xj| = 4, n=2, mean=2
+    assert smoothness([0.2] * 5) == pytest.approx(1.0)
+    assert smoothness([0, 0, 1.0]) == pytest.approx(1 / 3)
+
+
+def test_pdv_ppl_and_rppd():
+    d = [0.1, 0.2, 0.3]
+    assert ppl_path_sum(d) == pytest.approx(0.6)
+    assert pdv(d) == pytest.approx(np.var(d))
+    assert pdv(d, use_std=True) == pytest.approx(np.std(d))
+    assert rppd([0.2] * 9, 0.4) == pytest.approx(0.5)
+    with pytest.raises(InputError):
+        rppd(d, 0.0)
+    with pytest.raises(InputError):
+        ppl_path_sum([])
+
+
+def test_stylegan_ppl_of_a_quadratic_distance_is_its_constant():
+    # x(a) = a * v; distance = squared L2 -> d(x(a), x(a+eps)) = eps^2 |v|^2, so PPL = |v|^2.
+    v = torch.tensor([1.0, 2.0, 2.0]).view(1, 3, 1, 1)
+    render = lambda alphas: torch.cat([a * v for a in alphas])
+    dist = lambda x, y: (x - y).pow(2).sum(dim=(1, 2, 3))
+    assert ppl_stylegan(render, dist, samples=40, eps=1e-2, seed=0) == pytest.approx(9.0, rel=1e-3)
+
+
+def test_lpips_random_trunk_is_a_metric_like_distance(lpips_random):
+    assert isinstance(lpips_random, Lpips) and lpips_random.trunk == "random"
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    b = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    same = lpips_random(a, a)
+    assert torch.allclose(same, torch.zeros(2), atol=1e-6)
+    ab, ba = lpips_random(a, b), lpips_random(b, a)
+    assert torch.allclose(ab, ba, atol=1e-5) and (ab > 0).all()
+    near = lpips_random(a, a + 0.05 * (b - a))
+    assert (near < ab).all()
+
+
+def test_lpips_broadcasts_and_upsamples_small_images(lpips_random):
+    a = torch.zeros(1, 3, 8, 8)
+    b = torch.linspace(-1, 1, 3).view(3, 1, 1, 1).expand(3, 3, 8, 8)
+    d = lpips_random(a, b)
+    assert d.shape == (3,)
+    assert d[1] < 1e-6 and d[0] > 0 and d[2] > 0
+
+
+def test_consecutive_distances():
+    frames = torch.arange(4.0).view(4, 1, 1, 1)
+    d = consecutive_distances(frames, lambda x, y: (x - y).abs().flatten(1).sum(1))
+    assert np.allclose(d, [1, 1, 1])
+
+
+def test_unknown_trunk():
+    with pytest.raises(InputError, match="trunk"):
+        Lpips("vgg")

@@ -1,0 +1,25 @@
+"""The README's two commands are the ones CI runs."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands():
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [b.strip() for b in blocks]
+
+
+def test_ci_runs_the_readme_setup_and_test_commands_verbatim():
+    commands = readme_commands()
+    setup = next(c for c in commands if c.startswith("python3 -m venv"))
+    tests = next(c for c in commands if "pytest" in c)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert setup in ci.splitlines() and tests in ci.splitlines()
+
+
+def test_files_the_readme_names_exist():
+    text = (ROOT / "README.md").read_text()
+    for path in re.findall(r"data/pairs/[\w/]+\.(?:png|jpg)", text):
+        assert (ROOT / path).is_file(), path

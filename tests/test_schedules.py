@@ -1,0 +1,99 @@
+"""Alpha schedules on a path whose distances are known in closed form.
+
+Frames are constant images x(a) = a^2 (every pixel), and the distance is the mean absolute
+difference, so d(x(a), x(b)) = |a^2 - b^2|: uniform alphas give uneven steps (2k+1)/(K-1)^2.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from impus_lite.errors import InputError
+from impus_lite.schedules import (FrameCache, beta_alphas, perceptual_search, reschedule_alphas,
+                                  rescheduled_search, search_frame_count, uniform_alphas)
+
+
+def render(alphas):
+    return torch.cat([torch.full((1, 3, 4, 4), float(a) ** 2) for a in alphas])
+
+
+def distance(x, y):
+    return (x - y).abs().mean(dim=(1, 2, 3))
+
+
+def test_perceptual_search_makes_even_steps():
+    cache = FrameCache(render, batch_size=4)
+    s = perceptual_search(cache, distance, step=0.2, tol=0.01)
+    d = np.asarray(s.distances)
+    assert s.alphas[0] == 0 and s.alphas[-1] == 1 and np.all(np.diff(s.alphas) > 0)
+    assert np.all(np.abs(d[:-1] - 0.2) <= 0.01)
+    assert d[-1] <= 0.2 + 1e-9
+    # Closed form: after k steps of 0.2 the frame sits at a = sqrt(0.2 k); 5 steps reach 1.
+    assert len(s.alphas) in (6, 7)
+    assert np.allclose(s.alphas[1:5], np.sqrt(0.2 * np.arange(1, 5)), atol=0.03)
+
+
+def test_batched_candidates_find_the_same_steps_in_fewer_rounds():
+    one = perceptual_search(FrameCache(render), distance, 0.2, 0.01, candidates=1)
+    three = perceptual_search(FrameCache(render, batch_size=3), distance, 0.2, 0.01, candidates=3)
+    assert len(three.alphas) == len(one.alphas)
+    assert np.all(np.abs(np.asarray(three.distances[:-1]) - 0.2) <= 0.01)
+
+
+@pytest.mark.parametrize("frames", [2, 3, 5, 9, 17])
+def test_asking_for_n_frames_gives_n_even_frames(frames):
+    s = search_frame_count(FrameCache(render), distance, frames)
+    assert len(s.alphas) == frames and len(s.frames) == frames
+    d = np.asarray(s.distances)
+    step = 1.0 / (frames - 1)  # the path's length is 1
+    assert np.all(np.abs(d - step) <= step / 4 + 1e-9), d
+
+
+@pytest.mark.parametrize("frames", [5, 17])
+def test_reschedule_evens_out_the_uneven_uniform_path(frames):
+    uniform = np.asarray([float(distance(render([a]), render([b]))) for a, b in
+                          zip(uniform_alphas(frames)[:-1], uniform_alphas(frames)[1:])])
+    s = rescheduled_search(FrameCache(render), distance, frames, passes=3)
+    d = np.asarray(s.distances)
+    assert len(s.alphas) == frames
+    assert d.std() < uniform.std() / 10
+
+
+def test_reschedule_frame_count_follows_from_the_step():
+    s = rescheduled_search(FrameCache(render), distance, None, passes=2, step=0.2)
+    assert len(s.alphas) == 6  # ceil(1 / 0.2) + 1
+
+
+def test_reschedule_alphas_inverts_the_cumulative_curve():
+    # Distances 0.1, 0.3 on alphas 0, 0.5, 1: halfway along the path (0.2) is at alpha 0.5 + 0.5/3.
+    alphas = reschedule_alphas([0.0, 0.5, 1.0], [0.1, 0.3], 3)
+    assert alphas == pytest.approx([0.0, 0.5 + 0.5 / 3, 1.0])
+
+
+def test_beta_prior_alphas():
+    assert beta_alphas(5, 1, 1) == pytest.approx(uniform_alphas(5))
+    a = np.asarray(beta_alphas(9, 3, 3))
+    assert np.allclose(a, 1 - a[::-1])                  # symmetric prior, symmetric alphas
+    assert np.diff(a)[4] < np.diff(uniform_alphas(9))[4]  # crowded in the middle
+
+
+def test_cache_renders_each_alpha_once():
+    calls = []
+    cache = FrameCache(lambda a: calls.append(list(a)) or render(a), batch_size=2)
+    cache.get([0.0, 0.5, 1.0])
+    cache.get([0.5, 1.0, 0.25])
+    assert sorted(sum(calls, [])) == [0.0, 0.25, 0.5, 1.0]
+    assert max(len(c) for c in calls) <= 2 and cache.renders == 4
+
+
+@pytest.mark.parametrize("call", [lambda: uniform_alphas(1), lambda: beta_alphas(0),
+                                  lambda: search_frame_count(FrameCache(render), distance, 1)])
+def test_fewer_than_two_frames_is_refused(call):
+    with pytest.raises(InputError, match="at least 2 frames"):
+        call()
+
+
+def test_max_frames_stops_a_search_that_cannot_finish():
+    with pytest.warns(UserWarning, match="max_frames"):
+        s = perceptual_search(FrameCache(render), distance, 0.01, tol=0.001, max_frames=5)
+    assert len(s.alphas) == 5 and s.alphas[-1] == 1.0
