@@ -44,3 +44,17 @@ def gpu_report() -> str:
         return "Apple GPU (MPS) found; Stable Diffusion runs, slowly; the classroom model is quick."
     return ("No GPU: the notebooks use the small classroom model (or the tiny random model in "
             "smoke mode); for Stable Diffusion open them on Colab with a GPU runtime.")
+
+
+def notebook_model_name() -> str:
+    """The model a notebook should load here.
+
+    Smoke mode: the classroom model when it ships in data/classroom, else the tiny random one.
+    Otherwise: Stable Diffusion 1.5 on a CUDA GPU, the classroom model (or tiny) on a CPU.
+    """
+    from .models import DEFAULT_MODEL
+
+    classroom = (DATA_DIR / "classroom" / "model_index.json").is_file()
+    if not is_smoke() and torch.cuda.is_available():
+        return DEFAULT_MODEL
+    return "classroom" if classroom else "tiny"
