@@ -1,4 +1,4 @@
-"""The command line: ``python -m impus_lite morph A B --prompt P --out DIR`` (and ``impus-lite``).
+"""The command line: ``python -m impus_lite morph|evaluate|bench ...`` (and ``impus-lite``).
 
 Errors a user can act on (missing file, bad option, model not available) print one sentence and
 exit with status 2; nothing already written in the output folder is removed.
@@ -94,10 +94,81 @@ def _run_morph(args) -> int:
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    from .config import PRESETS
+    from .evaluation import ABLATIONS
+
+    p = sub.add_parser("evaluate", help="ablations with PPL, PDV and smoothness over image pairs",
+                       description="Morph every pair under PAIRS once per ablation and write "
+                                   "results.csv, summary.csv, summary.md, summary.png and "
+                                   "strips/ to DIR. Run under `accelerate launch` to split the "
+                                   "pairs across GPUs.")
+    p.add_argument("pairs", help="a folder of pair folders (two images and an optional prompt.txt "
+                                 "each), or one pair folder")
+    p.add_argument("--model", default="tiny", help="model name, as for morph (default tiny)")
+    p.add_argument("--preset", default="fast", choices=sorted(PRESETS), help="base settings")
+    p.add_argument("--frames", type=int, default=9, help="frames per morph (default 9)")
+    p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS),
+                   metavar="NAME", help=f"rows to run (default all: {', '.join(ABLATIONS)})")
+    p.add_argument("--device", help="'cuda', 'cpu', ... (default: the best available)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="weights precision")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def _run_evaluate(args) -> int:
+    from .config import MorphConfig
+    from .evaluation import run_evaluation
+
+    base = MorphConfig.preset(args.preset, frames=args.frames)
+    results = run_evaluation(args.model, args.pairs, args.out, base, args.ablations, args.device, args.dtype)
+    if results is not None:
+        print((Path(args.out) / "summary.md").read_text())
+        print(f"wrote {args.out}/results.csv, summary.csv, summary.md, summary.png, strips/")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from .config import PRESETS
+
+    p = sub.add_parser("bench", help="UNet evaluations, seconds and peak memory per stage, per preset",
+                       description="Morph one pair once per preset and print the cost of every "
+                                   "stage. --model sd15-random builds the exact Stable Diffusion "
+                                   "1.5 architecture with random weights (GPU timings without a "
+                                   "download).")
+    p.add_argument("--model", default="tiny", help="'tiny', 'classroom', 'sd15-random' or any model name")
+    p.add_argument("--pair", default=None,
+                   help="folder with two images (default: data/pairs/emoji_cat_dog)")
+    p.add_argument("--prompt", default="an animal face", help="prompt (default 'an animal face')")
+    p.add_argument("--presets", nargs="+", default=["paper", "fast"], choices=sorted(PRESETS))
+    p.add_argument("--frames", type=int, default=16, help="frames per morph (default 16)")
+    p.add_argument("--size", type=int, help="image side (default: the model's resolution)")
+    p.add_argument("--device", help="'cuda', 'cpu', ... (default: the best available)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="weights precision")
+    p.add_argument("--out", default=None, help="write the report as JSON here (e.g. out/bench.json)")
+
+
+def _run_bench(args) -> int:
+    from .bench import bench_presets, format_report, write_report
+    from .evaluation import find_pairs
+    from .models import load_model
+    from .runtime import data_path
+
+    pair = find_pairs(args.pair or data_path("pairs", "emoji_cat_dog"))[0]
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    overrides = {"size": args.size} if args.size else {}
+    report = bench_presets(model, pair.image0, pair.image1, args.prompt, args.presets, args.frames, overrides)
+    print(format_report(report))
+    if args.out:
+        print(f"wrote {write_report(report, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m impus_lite", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_morph(sub)
+    _add_evaluate(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -105,8 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "morph":
-            return _run_morph(args)
+        return {"morph": _run_morph, "evaluate": _run_evaluate, "bench": _run_bench}[args.command](args)
     except ImpusError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,8 +5,10 @@ Three kinds of name are understood by :func:`load_model`:
 * a Hugging Face hub id of any SD 1.x / 2.x model (default :data:`DEFAULT_MODEL`), downloaded
   once into the Hugging Face cache;
 * a local folder written by ``StableDiffusionPipeline.save_pretrained``;
-* ``"tiny"``: a random model of the SD layout built in code (for tests and smoke runs), and
-  ``"classroom"``: the small emoji model shipped in ``data/classroom``.
+* ``"tiny"``: a random model of the SD layout built in code (for tests and smoke runs),
+  ``"classroom"``: the small emoji model shipped in ``data/classroom``, and ``"sd15-random"``:
+  the exact Stable Diffusion 1.5 architecture with random weights (benchmarks without a
+  download; about 4 GB written to the cache on first use).
 
 Every one of them goes through ``StableDiffusionPipeline.from_pretrained``: tests exercise the
 same loading code users run. Latents follow the SD convention ``z = vae.encode(x).mean *
@@ -28,7 +30,8 @@ import torch
 from .errors import ModelLoadError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUILTIN_MODELS = ("tiny", "classroom")
+BUILTIN_MODELS = ("tiny", "classroom", "sd15-random")
+ARCHITECTURES_DIR = Path(__file__).resolve().parent / "architectures"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLASSROOM_DIR = REPO_ROOT / "data" / "classroom"
 TINY_VERSION = "3"
@@ -175,12 +178,32 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def tiny_model_dir() -> Path:
-    """Folder of the tiny model, written with ``save_pretrained`` on first use."""
-    folder = impus_cache_dir() / f"tiny-v{TINY_VERSION}"
+def build_architecture_pipeline(name: str = "sd15", seed: int = 0):
+    """A ``StableDiffusionPipeline`` with the architecture of ``architectures/<name>.json`` and
+    random weights (the tokenizer is character-level): real timings and memory, no download."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    spec = json.loads((ARCHITECTURES_DIR / f"{name}.json").read_text())
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**spec["vae"]), unet=UNet2DConditionModel(**spec["unet"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**spec["text_encoder"])), tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def _built_model_dir(name: str, build) -> Path:
+    """Folder ``<cache>/<name>`` holding ``build()`` saved with ``save_pretrained`` (made once)."""
+    folder = impus_cache_dir() / name
     if not (folder / "model_index.json").is_file():
         staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_tiny_pipeline().save_pretrained(staging)
+        build().save_pretrained(staging)
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             staging.rename(folder)
@@ -188,6 +211,11 @@ def tiny_model_dir() -> Path:
             import shutil
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def tiny_model_dir() -> Path:
+    """Folder of the tiny model, written with ``save_pretrained`` on first use."""
+    return _built_model_dir(f"tiny-v{TINY_VERSION}", build_tiny_pipeline)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,6 +376,8 @@ def _resolve(name: str) -> tuple[str, bool]:
     """Map a model name to (path or hub id, is_local)."""
     if name == "tiny":
         return str(tiny_model_dir()), True
+    if name == "sd15-random":
+        return str(_built_model_dir("sd15-random", build_architecture_pipeline)), True
     if name == "classroom":
         if not (CLASSROOM_DIR / "model_index.json").is_file():
             raise ModelLoadError(

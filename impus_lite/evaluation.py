@@ -1,0 +1,210 @@
+"""Evaluating morphs: ablations of the method over a set of pairs, as tables and plots (notebook 08).
+
+For every pair, each :data:`ABLATIONS` row changes one thing in the base config and reports
+the path metrics of :mod:`impus_lite.perceptual` on the frames it makes (lower PPL and PDV are
+better; smoothness 1 is perfectly even), the number of frames, UNet evaluations and seconds.
+Rows share one cache of stage outputs per pair, so a row that only changes the alphas reuses
+the trained adapters.
+
+Pairs are given as a folder holding one sub-folder per pair (two images each, and optionally a
+``prompt.txt``) or a single pair folder. Under ``accelerate launch`` the pairs are split across
+the processes and the main process merges the tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from .config import MorphConfig
+from .errors import InputError
+from .images import open_rgb
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_PROMPT = "a photo"
+
+#: name -> changes to the base config (a frame count is always set, so rows compare).
+ABLATIONS: dict[str, dict] = {
+    "full": {},
+    "no_text_opt": {"text_steps": 0},
+    "no_lora": {"lora_rank": 0},
+    "no_uncond_lora": {"uncond_lora_rank": 0},
+    "uniform": {"schedule": "uniform"},
+    "searched": {"schedule": "perceptual"},
+    "rescheduled": {"schedule": "reschedule"},
+    "beta": {"schedule": "beta"},
+}
+METRICS = ("ppl_path_sum", "pdv", "smoothness")
+
+
+@dataclass
+class Pair:
+    """Two images to morph and the prompt that names what they share."""
+
+    name: str
+    image0: Path
+    image1: Path
+    prompt: str
+
+
+def find_pairs(root: Union[str, Path], default_prompt: str = DEFAULT_PROMPT) -> list[Pair]:
+    """Pairs under ``root``: a folder of pair folders, or one pair folder (sorted by name).
+
+    A pair folder holds exactly two images (sorted by file name: the first is alpha = 0) and
+    optionally ``prompt.txt``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"Pairs folder not found: '{root}'.")
+    folders = [root] if _images_in(root) else sorted(p for p in root.iterdir() if p.is_dir())
+    pairs = []
+    for folder in folders:
+        images = _images_in(folder)
+        if len(images) != 2:
+            raise InputError(f"'{folder}' should hold exactly two images, found {len(images)}.")
+        prompt_file = folder / "prompt.txt"
+        prompt = prompt_file.read_text().strip() if prompt_file.is_file() else default_prompt
+        pairs.append(Pair(folder.name, images[0], images[1], prompt))
+    if not pairs:
+        raise InputError(f"No image pairs under '{root}'.")
+    return pairs
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def evaluate_pair(model, pair: Pair, base: MorphConfig, ablations: Sequence[str], cache_dir: Optional[Path],
+                  lpips=None, progress: bool = True, on_result: Optional[Callable] = None) -> list[dict]:
+    """One row per ablation for ``pair``: metrics, frame count, UNet evaluations, seconds."""
+    from .morph import morph
+    from .perceptual import pdv, ppl_path_sum, smoothness
+
+    for path in (pair.image0, pair.image1):
+        open_rgb(path)
+    rows = []
+    for name in ablations:
+        if name not in ABLATIONS:
+            raise InputError(f"Unknown ablation '{name}': use some of {', '.join(ABLATIONS)}.")
+        config = base.replace(**ABLATIONS[name])
+        result = morph(model, pair.image0, pair.image1, pair.prompt, config, cache_dir=cache_dir,
+                       lpips=lpips, progress=progress)
+        d = result.distances
+        row = {"pair": pair.name, "ablation": name, "frames": len(result.frames),
+               "ppl_path_sum": ppl_path_sum(d), "pdv": pdv(d), "smoothness": smoothness(d),
+               "unet_evals": result.unet_evals, "seconds": round(result.seconds, 3),
+               "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk}
+        rows.append(row)
+        if on_result is not None:
+            on_result(pair, name, result)
+    return rows
+
+
+def summarise(rows: Sequence[dict]) -> list[dict]:
+    """Mean of each metric (and of cost) per ablation, in :data:`ABLATIONS` order."""
+    out = []
+    for name in ABLATIONS:
+        group = [r for r in rows if r["ablation"] == name]
+        if not group:
+            continue
+        row = {"ablation": name, "pairs": len(group)}
+        for key in (*METRICS, "frames", "unet_evals", "seconds"):
+            row[key] = float(np.mean([r[key] for r in group]))
+        out.append(row)
+    return out
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A GitHub-markdown table of ``rows`` (floats with 4 significant digits)."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_summary(summary: Sequence[dict], path: Path) -> Path:
+    """Bar charts of PPL, PDV, smoothness and UNet evaluations per ablation (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    keys = (*METRICS, "unet_evals")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    names = [r["ablation"] for r in summary]
+    for ax, key in zip(axes, keys):
+        ax.bar(names, [r[key] for r in summary], color="tab:blue")
+        ax.set_title(key)
+        ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union[str, Path],
+                   base: MorphConfig, ablations: Sequence[str] = tuple(ABLATIONS),
+                   device: Optional[str] = None, dtype: Optional[str] = None,
+                   progress: bool = True) -> Optional[dict]:
+    """Evaluate every pair under ``pairs_root`` and write the tables and plots to ``out_dir``.
+
+    Writes ``results.csv`` (a row per pair and ablation), ``summary.csv``, ``summary.md``,
+    ``summary.png`` and ``results.json``. Under ``accelerate launch`` each process takes every
+    n-th pair and writes ``parts/results-<rank>.json``; the main process merges them. Returns
+    the merged results on the main process (None on the others).
+    """
+    from accelerate import PartialState
+
+    from .models import load_model
+    from .perceptual import load_lpips
+
+    if base.frames is None:
+        raise InputError("Evaluation compares rows at one frame count: set frames=N.")
+    state = PartialState()
+    out = Path(out_dir)
+    pairs = find_pairs(pairs_root)
+    mine = pairs[state.process_index::state.num_processes]
+    model = load_model(model_name, device=device or str(state.device), dtype=dtype)
+    lpips = load_lpips(device=model.device)
+    rows = []
+    for pair in mine:
+        strips = {}
+        rows += evaluate_pair(model, pair, base, ablations, out / "cache" / pair.name, lpips, progress,
+                              on_result=lambda p, name, r: strips.__setitem__(name, r))
+        for name, result in strips.items():
+            result.save(out / "strips" / f"{pair.name}-{name}.png")
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / f"results-{state.process_index}.json").write_text(json.dumps(rows))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    merged = []
+    for k in range(state.num_processes):
+        merged += json.loads((parts / f"results-{k}.json").read_text())
+    summary = summarise(merged)
+    write_csv(merged, out / "results.csv")
+    write_csv(summary, out / "summary.csv")
+    columns = ("ablation", "pairs", "frames", *METRICS, "unet_evals", "seconds")
+    trunk = merged[0]["lpips_trunk"] if merged else "?"
+    (out / "summary.md").write_text(
+        f"Model `{model_name}`, LPIPS AlexNet ({trunk} trunk), images in [-1, 1]; "
+        f"means over {len(pairs)} pairs.\n\n" + markdown_table(summary, columns) + "\n")
+    plot_summary(summary, out / "summary.png")
+    results = {"model": model_name, "config": base.to_dict(), "rows": merged, "summary": summary}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
