@@ -1,0 +1,99 @@
+import json
+
+import pytest
+
+from conftest import TINY_CONFIG, smooth_image
+from impus_lite.bench import bench_presets, format_report
+from impus_lite.cli import main
+from impus_lite.errors import InputError
+from impus_lite.evaluation import ABLATIONS, evaluate_pair, find_pairs, markdown_table, summarise
+
+
+@pytest.fixture
+def pairs_root(tmp_path):
+    root = tmp_path / "pairs"
+    for k, name in enumerate(("one", "two")):
+        folder = root / name
+        folder.mkdir(parents=True)
+        smooth_image(2 * k, (40, 40)).save(folder / "a.png")
+        smooth_image(2 * k + 1, (40, 40)).save(folder / "b.png")
+    (root / "two" / "prompt.txt").write_text("a texture\n")
+    return root
+
+
+def test_find_pairs_reads_folders_and_prompts(pairs_root):
+    pairs = find_pairs(pairs_root)
+    assert [p.name for p in pairs] == ["one", "two"]
+    assert pairs[0].prompt == "a photo" and pairs[1].prompt == "a texture"
+    assert pairs[0].image0.name == "a.png" and pairs[0].image1.name == "b.png"
+    assert len(find_pairs(pairs_root / "one")) == 1
+
+
+def test_find_pairs_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        find_pairs(tmp_path / "nothing")
+    (tmp_path / "p").mkdir()
+    smooth_image(0).save(tmp_path / "p" / "only.png")
+    with pytest.raises(InputError, match="exactly two images"):
+        find_pairs(tmp_path)
+
+
+def test_ablation_rows_differ_where_they_should(tiny_model, pairs_root, lpips_random, tmp_path):
+    pair = find_pairs(pairs_root)[0]
+    base = TINY_CONFIG.replace(frames=4, reschedule_passes=2, lpips_tol=0.0)
+    rows = {r["ablation"]: r for r in evaluate_pair(tiny_model, pair, base, list(ABLATIONS), tmp_path / "c",
+                                                    lpips_random, progress=False)}
+    assert set(rows) == set(ABLATIONS)
+    assert all(r["frames"] == 4 for r in rows.values())
+    assert rows["no_lora"]["lora_rank"] == 0 and rows["full"]["lora_rank"] >= 1
+    # Schedules share the trained stages (cache): they cost only their renders.
+    assert rows["uniform"]["unet_evals"] < rows["no_text_opt"]["unet_evals"]
+    assert rows["uniform"]["pdv"] != rows["rescheduled"]["pdv"]
+    summary = summarise(list(rows.values()))
+    assert [s["ablation"] for s in summary] == list(ABLATIONS)
+    table = markdown_table(summary, ("ablation", "pdv"))
+    assert table.count("\n") == len(ABLATIONS) + 1
+
+
+def test_evaluate_command_writes_tables_and_plots(pairs_root, tmp_path, monkeypatch):
+    from impus_lite import config
+    monkeypatch.setitem(config.PRESETS, "fast", TINY_CONFIG.replace(frames=None))
+    out = tmp_path / "eval"
+    code = main(["evaluate", str(pairs_root), "--model", "tiny", "--device", "cpu", "--frames", "3",
+                 "--ablations", "full", "uniform", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["rows"]) == 4  # 2 pairs x 2 ablations
+    assert (out / "summary.png").stat().st_size > 1000
+    assert "| full |" in (out / "summary.md").read_text()
+    assert len(list((out / "strips").glob("*.png"))) == 4
+
+
+def test_bench_counts_cost_per_stage_and_fast_is_cheaper(tiny_model, image_pair):
+    small = dict(text_steps=4, inversion_steps=5, lora_steps=2, uncond_lora_steps=1, sample_steps=3,
+                 rppd_frames=3)
+    report = bench_presets(tiny_model, *image_pair, "a photo", ["paper", "fast"], 3, small, progress=False)
+    paper, fast = report["presets"]["paper"], report["presets"]["fast"]
+    assert paper["stages"]["text"]["unet_evals"] == 8  # 4 steps x 2 images
+    assert paper["total_unet_evals"] == sum(s["unet_evals"] for s in paper["stages"].values())
+    assert fast["frames"] == paper["frames"] == 3
+    assert report["fast_over_paper_unet_evals"] == pytest.approx(
+        fast["total_unet_evals"] / paper["total_unet_evals"])
+    text = format_report(report)
+    assert "fast / paper UNet evaluations" in text and "reinversion" in text
+
+
+def test_sd15_architecture_has_the_real_parameter_counts():
+    import json as _json
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from impus_lite.models import ARCHITECTURES_DIR
+    spec = _json.loads((ARCHITECTURES_DIR / "sd15.json").read_text())
+    with init_empty_weights():
+        counts = [sum(p.numel() for p in m.parameters()) for m in (
+            UNet2DConditionModel(**spec["unet"]), AutoencoderKL(**spec["vae"]),
+            CLIPTextModel(CLIPTextConfig(**spec["text_encoder"])))]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
