@@ -430,6 +430,8 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
             f"({constants.HF_HUB_CACHE}) and could not be downloaded; connect to the internet "
             "once (or log in with `hf auth login` for gated models), pass a local folder, or "
             "use the offline models --model classroom or --model tiny.") from None
+    if hasattr(pipe.vae, "enable_slicing"):
+        pipe.vae.enable_slicing()  # decode a batch of frames one at a time: bounded peak memory
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.to(device)
         module.requires_grad_(False)

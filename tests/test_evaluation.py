@@ -40,11 +40,11 @@ def test_find_pairs_errors(tmp_path):
 
 def test_ablation_rows_differ_where_they_should(tiny_model, pairs_root, lpips_random, tmp_path):
     pair = find_pairs(pairs_root)[0]
-    base = TINY_CONFIG.replace(frames=4, reschedule_passes=2, lpips_tol=0.0)
+    base = TINY_CONFIG.replace(frames=3, reschedule_passes=2, lpips_tol=0.0, sample_steps=2)
     rows = {r["ablation"]: r for r in evaluate_pair(tiny_model, pair, base, list(ABLATIONS), tmp_path / "c",
                                                     lpips_random, progress=False)}
     assert set(rows) == set(ABLATIONS)
-    assert all(r["frames"] == 4 for r in rows.values())
+    assert all(r["frames"] == 3 for r in rows.values())
     assert rows["no_lora"]["lora_rank"] == 0 and rows["full"]["lora_rank"] >= 1
     # Schedules share the trained stages (cache): they cost only their renders.
     assert rows["uniform"]["unet_evals"] < rows["no_text_opt"]["unet_evals"]
