@@ -16,6 +16,12 @@ from .errors import ImpusError
 DESCRIPTION = "Morph one image into another with a diffusion model (IMPUS, ICLR 2024)."
 
 
+def _add_device_flags(p) -> None:
+    p.add_argument("--device", help="'cuda', 'cpu', 'mps' (default: the best available)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
+                   help="weights precision (default: fp16 on CUDA, fp32 elsewhere)")
+
+
 def _add_morph(sub) -> None:
     from .config import PRESETS, SCHEDULES
     from .models import DEFAULT_MODEL
@@ -46,9 +52,7 @@ def _add_morph(sub) -> None:
                    help="'crop' keeps the aspect ratio and cuts the centre square (default); "
                         "'resize' stretches")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", help="'cuda', 'cpu', 'mps' (default: the best available)")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
-                   help="weights precision (default: fp16 on CUDA, fp32 elsewhere)")
+    _add_device_flags(p)
     p.add_argument("--fps", type=float, default=8.0, help="frames per second of the GIF/MP4")
     p.add_argument("--no-cache", action="store_true", help="do not read or write DIR/cache")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
@@ -110,8 +114,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--frames", type=int, default=9, help="frames per morph (default 9)")
     p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS),
                    metavar="NAME", help=f"rows to run (default all: {', '.join(ABLATIONS)})")
-    p.add_argument("--device", help="'cuda', 'cpu', ... (default: the best available)")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="weights precision")
+    _add_device_flags(p)
     p.add_argument("--out", required=True, help="output folder")
 
 
@@ -142,8 +145,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--presets", nargs="+", default=["paper", "fast"], choices=sorted(PRESETS))
     p.add_argument("--frames", type=int, default=16, help="frames per morph (default 16)")
     p.add_argument("--size", type=int, help="image side (default: the model's resolution)")
-    p.add_argument("--device", help="'cuda', 'cpu', ... (default: the best available)")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="weights precision")
+    _add_device_flags(p)
     p.add_argument("--out", default=None, help="write the report as JSON here (e.g. out/bench.json)")
 
 
