@@ -37,8 +37,11 @@ __all__ = [
     "normalize_histogram", "gaussian_histogram", "histogram_mean_std", "linear_mixture",
     "displacement_interpolation_1d", "w2_distance_1d", "lp_barycenter_1d", "entropic_barycenter_1d",
     "displacement_interpolation_points", "free_support_barycenter", "convolutional_barycenter",
-    "disc_image", "ring_image", "square_image", "image_centroid",
+    "disc_image", "ring_image", "square_image", "image_centroid", "SINKHORN_METHODS",
 ]
+
+#: Solvers accepted by the entropic functions: log-domain (stable) first, then the plain one.
+SINKHORN_METHODS = ("sinkhorn_log", "sinkhorn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,9 +131,6 @@ def _backend_array(array, method: str):
     otherwise."""
     array = np.asarray(array, dtype=np.float64)
     return torch.as_tensor(array) if method == "sinkhorn_log" else array
-
-
-SINKHORN_METHODS = ("sinkhorn_log", "sinkhorn")
 
 
 def _check_entropic(reg: float, method: str) -> None:
@@ -232,8 +232,10 @@ def lp_barycenter_1d(h0: np.ndarray, h1: np.ndarray, alpha: float,
 
     Solves ``argmin_h (1 - alpha) W2^2(h0, h) + alpha W2^2(h1, h)`` over histograms h on the same
     bins with ``ot.lp.barycenter`` (cost ``M_ij = (x_i - x_j)^2``). Where the true barycenter puts
-    mass between two bins, the grid-restricted optimum splits it between them. The LP has
-    2 n^2 + n unknowns: keep n to a few hundred bins.
+    mass between two bins, the grid-restricted optimum has to round it onto nearby bins, so its
+    curve is jagged; as a distribution it stays within about a bin width (in W2) of
+    :func:`displacement_interpolation_1d`. The LP has 2 n^2 + n unknowns: keep n to a few
+    hundred bins.
 
     Args:
         h0, h1: non-negative histograms (n,); alpha: weight of ``h1`` in [0, 1];
@@ -297,8 +299,8 @@ def displacement_interpolation_points(X0: np.ndarray, X1: np.ndarray, alpha: flo
     """Displacement interpolation between two clouds of k points each, with uniform weights.
 
     The exact plan between equal-size uniform clouds is a permutation sigma (``ot.emd`` on the
-    cost ``|X0_i - X1_j|^2``); the interpolant is the cloud ``(1 - alpha) X0_i + alpha X1_sigma(i)``,
-    which is the W2 barycenter with weights ``[1 - alpha, alpha]``.
+    cost ``|X0_i - X1_j|^2``); the interpolant is the cloud
+    ``(1 - alpha) X0_i + alpha X1_sigma(i)``, the W2 barycenter with weights ``[1 - alpha, alpha]``.
 
     Args:
         X0, X1: arrays (k, d); alpha: weight of ``X1`` in [0, 1].
@@ -325,7 +327,7 @@ def free_support_barycenter(X0: np.ndarray, X1: np.ndarray, alpha: float,
     Solves ``argmin_X (1 - alpha) W2^2(mu_0, nu_X) + alpha W2^2(mu_1, nu_X)`` over clouds X of
     ``n_points`` uniformly weighted points, with ``ot.lp.free_support_barycenter`` (a fixed
     point iteration: solve both exact plans, move each point to the weighted average of its
-    matches). The clouds may differ in size and dimension-wise must agree.
+    matches). The clouds may differ in size but not in dimension.
 
     Args:
         X0, X1: arrays (k0, d) and (k1, d); alpha: weight of ``X1`` in [0, 1].
@@ -392,7 +394,8 @@ def convolutional_barycenter(image0: np.ndarray, image1: np.ndarray, alpha: floa
     with _one_thread(), np.errstate(all="ignore"):
         bary = ot.bregman.convolutional_barycenter2d(
             _backend_array(np.stack([image0, image1]), method), reg,
-            weights=_backend_array([1.0 - alpha, alpha], method), method=method, numItermax=num_iter, stopThr=1e-6, warn=False)
+            weights=_backend_array([1.0 - alpha, alpha], method), method=method,
+            numItermax=num_iter, stopThr=1e-6, warn=False)
     return _entropic_result(bary)
 
 
@@ -421,7 +424,8 @@ def square_image(size: int, center: Sequence[float], half_side: float) -> np.nda
     """A (size, size) float image: 1 on the axis-aligned square ``|row - center_row| <= half_side``
     and ``|col - center_col| <= half_side``."""
     r, c = _grid(size)
-    return ((np.abs(r - center[0]) <= half_side) & (np.abs(c - center[1]) <= half_side)).astype(np.float64)
+    inside = (np.abs(r - center[0]) <= half_side) & (np.abs(c - center[1]) <= half_side)
+    return inside.astype(np.float64)
 
 
 def image_centroid(image: np.ndarray) -> np.ndarray:

@@ -23,8 +23,8 @@ def rotation(theta):
 @pytest.fixture(scope="module")
 def gaussian_model():
     data = td.sample_gaussian(20000, MEAN, COV, seed=0)
-    return td.train_toy_diffusion(data, steps=1000, batch_size=256, hidden=64, seed=0,
-                                  progress=False)
+    return td.train_toy_diffusion(data, steps=1000, batch_size=256, hidden=64, fourier_features=0,
+                                  seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,15 @@ def test_training_is_seeded_and_learns():
         assert torch.equal(pa, pb)
 
 
+@pytest.mark.parametrize("fourier_features", [0, 3])
+def test_noise_predictor_shapes(fourier_features):
+    net = td.NoisePredictor(hidden=8, depth=2, fourier_features=fourier_features)
+    assert net.net[0].in_features == 2 + 4 * fourier_features + 32
+    x = torch.zeros(5, 2)
+    assert net(x, torch.arange(5)).shape == (5, 2)
+    torch.testing.assert_close(net(x, 7), net(x, torch.full((5,), 7)))  # a scalar t broadcasts
+
+
 def test_training_loss_falls(gaussian_model):
     losses = np.asarray(gaussian_model.losses)
     assert len(losses) == 1000
@@ -90,7 +99,7 @@ def test_ddim_encoder_pairing_is_the_exact_ot_plan(encoded):
     result = td.compare_with_exact_ot(x, z)
     assert result.identical_share > 0.9
     assert result.cost_ratio < 1.01
-    assert result.encoder_cost < 0.5 * result.independent_cost
+    assert result.map_cost < 0.5 * result.independent_cost
     shuffled = td.compare_with_exact_ot(x, z[np.random.default_rng(0).permutation(len(z))])
     assert shuffled.identical_share < 0.05 and shuffled.cost_ratio > 2
 
@@ -145,6 +154,7 @@ def test_datasets_are_seeded_and_shaped():
     (lambda: td.compare_with_exact_ot(np.zeros((4, 2)), np.zeros((5, 2))), "one shape"),
     (lambda: td.gaussian_monge_map(np.zeros((4, 2)), MEAN, np.eye(2) * -1), "positive definite"),
     (lambda: td.fit_gaussian(np.zeros((2, 2))), "at least 3"),
+    (lambda: td.NoisePredictor(fourier_features=-1), "fourier_features"),
 ])
 def test_bad_input_raises_value_error(call, message):
     with pytest.raises(ValueError, match=message):
