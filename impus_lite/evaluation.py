@@ -138,13 +138,15 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
 
 
 def plot_summary(summary: Sequence[dict], path: Path) -> Path:
-    """Bar charts of PPL, PDV, smoothness and UNet evaluations per ablation (PNG)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    """Bar charts of PPL, PDV, smoothness and UNet evaluations per ablation (PNG).
+
+    Draws on a bare ``matplotlib.figure.Figure``: no pyplot state or backend is touched.
+    """
+    from matplotlib.figure import Figure
 
     keys = (*METRICS, "unet_evals")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    fig = Figure(figsize=(4 * len(keys), 3.2))
+    axes = fig.subplots(1, len(keys))
     names = [r["ablation"] for r in summary]
     for ax, key in zip(axes, keys):
         ax.bar(names, [r[key] for r in summary], color="tab:blue")
@@ -152,7 +154,6 @@ def plot_summary(summary: Sequence[dict], path: Path) -> Path:
         ax.tick_params(axis="x", rotation=60)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

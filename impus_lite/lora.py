@@ -61,11 +61,13 @@ def add_lora(model: DiffusionModel, name: str, rank: int, seed: int = 0) -> None
         raise InputError(f"LoRA rank must be >= 1, got {rank}.")
     if name in model.adapter_names():
         model.unet.delete_adapters(name)
+        model.adapters_changed()
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=list(LORA_TARGETS))
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.filterwarnings("ignore", message=".*peft_config.*")  # on every adapter after the first
         torch.manual_seed(seed)
         model.unet.add_adapter(config, adapter_name=name)
+    model.adapters_changed()
     for param in adapter_parameters(model, name):
         param.data = param.data.float()
 

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -247,6 +248,8 @@ class DiffusionModel:
     unet_evals: int = 0
     unet_calls: int = 0
     _fingerprint: Optional[str] = field(default=None, repr=False)
+    _active_adapter: Optional[str] = field(default=None, repr=False)  # None: unknown, "": none
+    adapter_owner: Optional[object] = field(default=None, repr=False)  # who attached the adapters
 
     def __post_init__(self):
         def count(module, args, kwargs):
@@ -349,27 +352,34 @@ class DiffusionModel:
 
     @contextlib.contextmanager
     def using_adapter(self, name: Optional[str]) -> Iterator[None]:
-        """Run the UNet with LoRA adapter ``name`` active, or with none when ``name`` is None."""
+        """Run the UNet with LoRA adapter ``name`` active, or with none when ``name`` is None.
+
+        The adapter stays active after the block; switching is skipped when it already is (peft
+        walks every layer to switch, which costs as much as a small UNet's forward pass).
+        """
         names = self.adapter_names()
         if name is not None and name not in names:
             raise KeyError(f"No adapter named '{name}' (have: {names}).")
-        if not names:
-            yield
-            return
-        if name is None:
-            self.unet.disable_adapters()
-        else:
-            self.unet.enable_adapters()
-            self.unet.set_adapter(name)
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters() if name is None else None
+        if names and self._active_adapter != (name or ""):
+            if name is None:
+                self.unet.disable_adapters()
+            else:
+                if self._active_adapter in ("", None):
+                    self.unet.enable_adapters()
+                self.unet.set_adapter(name)
+            self._active_adapter = name or ""
+        yield
+
+    def adapters_changed(self) -> None:
+        """Call after adding or deleting adapters on ``unet`` directly: the active one is unknown."""
+        self._active_adapter = None
 
     def remove_adapters(self) -> None:
         """Detach every LoRA adapter: the UNet is the base model again."""
         for name in self.adapter_names():
             self.unet.delete_adapters(name)
+        self._active_adapter = None
+        self.adapter_owner = None
 
 
 def _resolve(name: str) -> tuple[str, bool]:
@@ -417,10 +427,12 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
     dtype = pick_dtype(device, dtype)
     source, is_local = _resolve(name)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        with warnings.catch_warnings():  # newer diffusers renames torch_dtype; older ones need it
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False,
+            )
     except (OSError, ValueError, EnvironmentError) as error:
         if is_local:
             raise ModelLoadError(f"Could not load the model folder '{source}': {error}") from None

@@ -114,6 +114,27 @@ class MorphResult:
         return viz.save_all(self, out_dir, fps=fps)
 
 
+def choose_schedule(config: MorphConfig, cache: FrameCache, distance) -> Schedule:
+    """The alphas and frames that ``config``'s schedule picks, rendering through ``cache``.
+
+    "uniform" and "beta" render ``config.frames`` fixed alphas; "reschedule" runs
+    :func:`~impus_lite.schedules.rescheduled_search`; "perceptual" runs IMPUS's search for the
+    LPIPS step, or :func:`~impus_lite.schedules.search_frame_count` when ``frames`` is set.
+    A trained :class:`Morpher` can try several schedules: ``FrameCache(morpher.render)``.
+    """
+    c = config
+    if c.schedule == "uniform":
+        return fixed_schedule(uniform_alphas(c.frames), cache, distance)
+    if c.schedule == "beta":
+        return fixed_schedule(beta_alphas(c.frames, c.beta_a, c.beta_b), cache, distance)
+    if c.schedule == "reschedule":
+        return rescheduled_search(cache, distance, c.frames, c.reschedule_passes, c.lpips_tol,
+                                  step=c.lpips_step, max_frames=c.max_frames)
+    if c.frames is not None:
+        return search_frame_count(cache, distance, c.frames, c.lpips_tol, c.search_candidates)
+    return perceptual_search(cache, distance, c.lpips_step, c.lpips_tol, c.search_candidates, c.max_frames)
+
+
 class Morpher:
     """The IMPUS stages for one pair of images, each callable on its own and cached.
 
@@ -145,6 +166,7 @@ class Morpher:
         self.progress = progress
         self.stats: dict[str, StageStats] = {}
         self._values: dict[str, object] = {}
+        self._adapter_states: dict[str, tuple[int, dict]] = {}
         model.remove_adapters()
         digests = [tensor_digest(self.images[i]) for i in range(2)]
         self._base = dict(model=model.fingerprint, prompt=prompt)
@@ -285,8 +307,16 @@ class Morpher:
                     empty = self.uncond_embedding()
                     uncond = self._adapter(UNCOND_ADAPTER, key, c.uncond_lora_rank, c.uncond_lora_steps,
                                            c.uncond_lora_lr, [empty, empty], stats)
+            self.model.adapter_owner = self
             return cond, (uncond if uncond is not None else cond)
-        return self._once("adapters", compute)
+        names = self._once("adapters", compute)
+        if self._adapter_states and self.model.adapter_owner is not self:
+            # Another Morpher (or morph call) replaced this pair's adapters on the shared model.
+            self.model.remove_adapters()
+            for name, (rank, state) in self._adapter_states.items():
+                load_adapter_state(self.model, name, rank, state)
+            self.model.adapter_owner = self
+        return names
 
     def _adapter(self, name, key, rank, steps, lr, embeddings, stats) -> str:
         cached = self.cache.load(name + "_lora", key)
@@ -295,10 +325,12 @@ class Morpher:
             latents = self.latents()
             train_lora(self.model, name, [latents[0:1], latents[1:2]], embeddings, steps, lr,
                        seed=self.config.seed, progress=self.progress, desc=f"{name} LoRA r={rank}")
-            self.cache.save(name + "_lora", key, adapter_state(self.model, name))
+            cached = adapter_state(self.model, name)
+            self.cache.save(name + "_lora", key, cached)
         else:
             stats.cached = True
             load_adapter_state(self.model, name, rank, cached)
+        self._adapter_states[name] = (rank, cached)
         return name
 
     # ---- stage 7 ---------------------------------------------------------------------------
@@ -350,20 +382,9 @@ class Morpher:
         """Stage 9: choose the alphas and render the frames (see :mod:`impus_lite.schedules`)."""
         def compute():
             self.codes()  # train and invert first, so their cost is not counted here
-            c = self.config
             with self._stage("frames"):
-                cache = FrameCache(self._render_with_bar, c.batch_size)
-                if c.schedule == "uniform":
-                    return fixed_schedule(uniform_alphas(c.frames), cache, self.lpips)
-                if c.schedule == "beta":
-                    return fixed_schedule(beta_alphas(c.frames, c.beta_a, c.beta_b), cache, self.lpips)
-                if c.schedule == "reschedule":
-                    return rescheduled_search(cache, self.lpips, c.frames, c.reschedule_passes, c.lpips_tol,
-                                              step=c.lpips_step, max_frames=c.max_frames)
-                if c.frames is not None:
-                    return search_frame_count(cache, self.lpips, c.frames, c.lpips_tol, c.search_candidates)
-                return perceptual_search(cache, self.lpips, c.lpips_step, c.lpips_tol, c.search_candidates,
-                                         c.max_frames)
+                cache = FrameCache(self._render_with_bar, self.config.batch_size)
+                return choose_schedule(self.config, cache, self.lpips)
         return self._once("schedule", compute)
 
     def _render_with_bar(self, alphas: Sequence[float]) -> torch.Tensor:

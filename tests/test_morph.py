@@ -140,3 +140,15 @@ def test_stages_run_one_at_a_time(tiny_model, image_pair, lpips_random):
 def test_size_must_fit_the_vae(tiny_model, image_pair, lpips_random):
     with pytest.raises(InputError, match="multiple of the VAE factor"):
         Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(size=30), lpips=lpips_random)
+
+
+def test_a_morpher_gets_its_adapters_back_after_another_replaced_them(tiny_model, image_pair, lpips_random):
+    first = Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(lora_rank=2), lpips=lpips_random,
+                    progress=False)
+    before = first.render([0.5])
+    other = Morpher(tiny_model, image_pair[1], image_pair[0], "a photo", TINY_CONFIG.replace(lora_rank=3, seed=5),
+                    lpips=lpips_random, progress=False)
+    other.adapters()
+    assert tiny_model.adapter_owner is other
+    assert torch.allclose(first.render([0.5]), before, atol=1e-5)
+    assert tiny_model.adapter_owner is first
