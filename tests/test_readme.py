@@ -23,3 +23,12 @@ def test_files_the_readme_names_exist():
     text = (ROOT / "README.md").read_text()
     for path in re.findall(r"data/pairs/[\w/]+\.(?:png|jpg)", text):
         assert (ROOT / path).is_file(), path
+
+
+def test_every_package_dependency_is_in_requirements_with_the_same_range():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)\]", pyproject, re.S | re.M).group(1)
+    package = re.findall(r'"([^"]+)"', block)
+    requirements = {line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()}
+    assert len(package) > 10
+    assert [d for d in package if d not in requirements] == []
