@@ -27,8 +27,8 @@ class MorphConfig:
         text_steps, text_lr: per-image text-embedding optimisation (Adam); 0 steps skips it.
         inversion_steps: DDIM inversion steps, before and after LoRA.
         lora_rank: conditional LoRA rank; None = from rPPD (IMPUS's rule); 0 = no LoRA.
-        rppd_frames: uniform frames of the un-adapted model that measure rPPD (the rank rule
-            is calibrated on 10: a straight path has rPPD 1/(K-1) with K frames).
+        rppd_frames: uniform frames of the un-adapted model that measure rPPD. The rank rule
+            is calibrated on IMPUS's 10: with fewer frames each step is longer and rPPD larger.
         lora_steps, lora_lr: conditional LoRA training (AdamW; both images each step).
         uncond_lora_rank, uncond_lora_steps, uncond_lora_lr: the separate unconditional
             adapter; rank 0 = none (the unconditional branch then uses the conditional adapter).
@@ -71,7 +71,7 @@ class MorphConfig:
     beta_a: float = 2.0
     beta_b: float = 2.0
     max_frames: int = 64
-    batch_size: int = 8
+    batch_size: int = 4
     seed: int = 0
 
     def __post_init__(self):

@@ -128,8 +128,9 @@ def choose_schedule(config: MorphConfig, cache: FrameCache, distance) -> Schedul
     if c.schedule == "beta":
         return fixed_schedule(beta_alphas(c.frames, c.beta_a, c.beta_b), cache, distance)
     if c.schedule == "reschedule":
-        return rescheduled_search(cache, distance, c.frames, c.reschedule_passes, c.lpips_tol,
-                                  step=c.lpips_step, max_frames=c.max_frames)
+        return rescheduled_search(cache, distance, c.frames, c.reschedule_passes,
+                                  rel_tol=c.lpips_tol / c.lpips_step, step=c.lpips_step,
+                                  max_frames=c.max_frames)
     if c.frames is not None:
         return search_frame_count(cache, distance, c.frames, c.lpips_tol, c.search_candidates)
     return perceptual_search(cache, distance, c.lpips_step, c.lpips_tol, c.search_candidates, c.max_frames)
@@ -287,6 +288,16 @@ class Morpher:
             self._values["outlier"] = bool(cached["outlier"])
             return rank_from_rppd(self._values["rppd"], self._values["outlier"])
         return self._once("rank", compute)
+
+    def rppd(self) -> Optional[float]:
+        """The rPPD that stage 4 measured (None when ``config.lora_rank`` fixed the rank)."""
+        self.rank()
+        return self._values.get("rppd")
+
+    def outlier(self) -> bool:
+        """Whether stage 4 found an inverted code far from unit variance (IMPUS's outlier pair)."""
+        self.rank()
+        return bool(self._values.get("outlier", False))
 
     # ---- stages 5 and 6 -------------------------------------------------------------------
     def adapters(self) -> tuple[Optional[str], Optional[str]]:

@@ -247,13 +247,14 @@ def reschedule_alphas(alphas: Sequence[float], distances: Sequence[float], frame
 
 
 def rescheduled_search(cache: FrameCache, distance: Distance, frames: Optional[int], passes: int = 2,
-                       tol: float = 0.01, step: Optional[float] = None, max_frames: int = 64,
+                       rel_tol: float = 0.05, step: Optional[float] = None, max_frames: int = 64,
                        probe_frames: int = 9) -> Schedule:
     """DiffMorpher's reschedule, iterated: uniform alphas, then ``passes - 1`` reschedules.
 
     Each reschedule uses every frame rendered so far (merged and sorted), so the cumulative
     curve gets finer with each pass. Stops early once every consecutive distance is within
-    ``tol`` of their mean. With ``frames=None`` the count follows from ``step`` as in IMPUS:
+    ``rel_tol`` times their mean of the mean (relative, so it means the same for any distance's
+    scale; IMPUS's tolerance 0.01 on a step of 0.2 is 0.05). With ``frames=None`` the count follows from ``step`` as in IMPUS:
     ``ceil(L / step) + 1`` for the path length L measured on ``probe_frames`` uniform frames
     (capped at ``max_frames``).
     """
@@ -268,7 +269,7 @@ def rescheduled_search(cache: FrameCache, distance: Distance, frames: Optional[i
     schedule = fixed_schedule(uniform_alphas(frames), cache, distance)
     for _ in range(passes - 1):
         d = np.asarray(schedule.distances)
-        if np.all(np.abs(d - d.mean()) <= tol):
+        if np.all(np.abs(d - d.mean()) <= rel_tol * d.mean()):
             break
         seen = sorted(cache.frames)
         seen_frames = cache.get(seen)

@@ -131,7 +131,7 @@ def test_stages_run_one_at_a_time(tiny_model, image_pair, lpips_random):
     assert m.latents().shape == (2, 4, 8, 8)
     assert m.embeddings().shape == (2, 77, 32)
     assert m.base_codes().shape == (2, 4, 8, 8)
-    assert m.rank() == 2 and "rppd" not in m.stats  # a given rank skips the probe
+    assert m.rank() == 2 and "rppd" not in m.stats and m.rppd() is None  # a given rank skips the probe
     assert m.adapters() == ("cond", "uncond")
     frames = m.render([0.0, 0.5, 1.0])
     assert frames.shape == (3, 3, 32, 32) and frames.min() >= -1 and frames.max() <= 1
