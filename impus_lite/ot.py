@@ -26,12 +26,13 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
 import ot
 import torch
+
+from .runtime import one_torch_thread
 
 __all__ = [
     "normalize_histogram", "gaussian_histogram", "histogram_mean_std", "linear_mixture",
@@ -111,18 +112,6 @@ def linear_mixture(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
     if a.shape != b.shape:
         raise ValueError(f"Cannot mix arrays of shapes {a.shape} and {b.shape}.")
     return (1.0 - alpha) * a + alpha * b
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch on one CPU thread, then restore the setting: these problems are small, and on a
-    busy machine extra threads slow them down many times over."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _backend_array(array, method: str):
@@ -278,7 +267,7 @@ def entropic_barycenter_1d(h0: np.ndarray, h1: np.ndarray, alpha: float, reg: fl
     A = _backend_array(np.stack([h0, h1], axis=1), method)
     M = _backend_array(_squared_cost(x), method)
     weights = _backend_array([1.0 - alpha, alpha], method)
-    with _one_thread(), np.errstate(all="ignore"):
+    with one_torch_thread(), np.errstate(all="ignore"):
         bary = ot.bregman.barycenter(A, M, reg, weights=weights, method=method,
                                      numItermax=num_iter, stopThr=1e-7, warn=False)
     return _entropic_result(bary)
@@ -391,7 +380,7 @@ def convolutional_barycenter(image0: np.ndarray, image1: np.ndarray, alpha: floa
     image0, image1 = normalize_histogram(image0), normalize_histogram(image1)
     if image0.ndim != 2 or image0.shape != image1.shape:
         raise ValueError(f"Expected two 2D images of one shape, got {image0.shape} and {image1.shape}.")
-    with _one_thread(), np.errstate(all="ignore"):
+    with one_torch_thread(), np.errstate(all="ignore"):
         bary = ot.bregman.convolutional_barycenter2d(
             _backend_array(np.stack([image0, image1]), method), reg,
             weights=_backend_array([1.0 - alpha, alpha], method), method=method,

@@ -7,6 +7,7 @@ cores in CI. Without it a notebook does the real thing on the GPU it finds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -58,3 +59,18 @@ def notebook_model_name() -> str:
     if not is_smoke() and torch.cuda.is_available():
         return DEFAULT_MODEL
     return "classroom" if classroom else "tiny"
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one CPU thread inside the block, then restore the setting.
+
+    For small problems (2D toy models, small optimal-transport solves): they gain nothing from
+    more threads, and on a busy machine extra threads slow them down many times over.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

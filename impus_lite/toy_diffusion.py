@@ -21,7 +21,6 @@ diffusers' ``alphas_cumprod[t]``. Everything is seeded and runs on the CPU.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -32,6 +31,8 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 from torch import nn
 from tqdm.auto import tqdm
+
+from .runtime import one_torch_thread
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
 
@@ -120,18 +121,6 @@ def sample_moons(n: int, noise: float = 0.08, seed: int = 0) -> np.ndarray:
     y = np.where(upper, np.sin(s), 0.5 - np.sin(s))
     points = np.stack([x - 0.5, y - 0.25], axis=1)
     return points + noise * rng.standard_normal((n, 2))
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch on one CPU thread, then restore the setting: the model is far too small to gain
-    from more, and on a busy machine extra threads slow it down many times over."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _as_points(x: ArrayLike, name: str = "x") -> torch.Tensor:
@@ -240,7 +229,7 @@ class ToyDiffusion:
             raise ValueError(f"num_steps must be an integer in [1, {T}], got {num_steps}.")
         scheduler.set_timesteps(int(num_steps))
         path = [x.double().numpy()]
-        with _one_thread():
+        with one_torch_thread():
             for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
                 eps = self.model(x, t)
                 x = scheduler.step(eps, int(t), x).prev_sample
@@ -319,7 +308,7 @@ def train_toy_diffusion(data: ArrayLike, steps: int = 3000, batch_size: int = 51
     losses = []
     model.train()
     bar = tqdm(range(int(steps)), desc="DDPM training", disable=not progress, leave=False)
-    with _one_thread():
+    with one_torch_thread():
         for _ in bar:
             index = torch.randint(0, data.shape[0], (batch_size,), generator=generator)
             x0 = data[index]
