@@ -728,47 +728,11 @@ def embed_prompts(model, prompts: Sequence[str]) -> torch.Tensor:
     return model.text_encoder(ids)[0]
 
 
-@torch.no_grad()
-def sample_latents(model, context: torch.Tensor, uncond: torch.Tensor, start: torch.Tensor,
-                   steps: int = 25, guidance: float = 4.0) -> torch.Tensor:
-    """DDIM sampling (eta = 0) with classifier-free guidance from ``start`` (B, 4, h, w):
-    eps = eps_u + w (eps_c - eps_u); with ``guidance`` 1 only the conditional branch runs."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(model.scheduler_config)
-    scheduler.set_timesteps(steps)
-    latents = start.to(model.device, model.dtype)
-    uncond = uncond.expand(len(context), -1, -1)
-    for t in scheduler.timesteps:
-        if guidance == 1.0:
-            eps = model.unet(latents, t, context).sample
-        else:
-            eps_u, eps_c = model.unet(torch.cat([latents, latents]), t,
-                                      torch.cat([uncond, context])).sample.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        latents = scheduler.step(eps, t, latents).prev_sample
-    return latents
-
-
-@torch.no_grad()
-def invert_latents(model, latents: torch.Tensor, context: torch.Tensor,
-                   steps: int = 50) -> torch.Tensor:
-    """DDIM inversion (the probability-flow ODE run from data to noise, guidance 1, the
-    conditional branch only) of scaled latents (B, 4, h, w)."""
-    from diffusers import DDIMInverseScheduler
-
-    scheduler = DDIMInverseScheduler.from_config(model.scheduler_config)
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        eps = model.unet(latents, t, context).sample
-        latents = scheduler.step(eps, t, latents).prev_sample
-    return latents
-
-
-def nearest_indices(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """For each image (B, 3, H, W), the index of the nearest reference (N, 3, H, W) in
-    pixel space (Euclidean distance)."""
-    return torch.cdist(images.flatten(1).float(), references.flatten(1).float()).argmin(dim=1)
+def nearest_indices(images: torch.Tensor, references: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """For each image (B, 3, H, W), the indices (B, k) of its ``k`` nearest references
+    (N, 3, H, W) in pixel space (Euclidean distance), nearest first; k is capped at N."""
+    distances = torch.cdist(images.flatten(1).float(), references.flatten(1).float())
+    return distances.topk(min(k, len(references)), largest=False).indices
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -817,7 +781,13 @@ def evaluate(model_name: str = "classroom", data_dir: Union[str, Path, None] = N
              inversion_steps: int = 50, roundtrip_images: int = 8, seed: int = 0,
              grid_path: Union[str, Path, None] = None) -> EvaluationReport:
     """Measure the classroom model (see :class:`EvaluationReport`) on ``prompts`` captions of
-    the training set chosen with ``seed``; optionally save the generated images as a grid."""
+    the training set chosen with ``seed``; optionally save the generated images as a grid.
+
+    Generation: DDIM (eta 0) with ``steps`` steps and classifier-free ``guidance`` from seeded
+    noise. Round trip: the first ``roundtrip_images`` chosen images are DDIM-inverted with
+    their caption (guidance 1, ``inversion_steps``) and sampled back the same way; both use
+    :mod:`impus_lite.inversion`, the code the morph runs."""
+    from .inversion import ddim_invert, ddim_sample
     from .models import load_model
 
     start_time = time.time()
@@ -833,11 +803,11 @@ def evaluate(model_name: str = "classroom", data_dir: Union[str, Path, None] = N
     generated = []
     for i in range(0, len(chosen), 50):
         context = embed_prompts(model, captions[i:i + 50])
-        latents = sample_latents(model, context, uncond, noise[i:i + 50], steps, guidance)
+        latents = ddim_sample(model, noise[i:i + 50], context, uncond, guidance, steps,
+                              progress=False)
         generated.append(model.decode(latents))
     generated = torch.cat(generated)
-    distances = torch.cdist(generated.flatten(1), references.flatten(1))
-    top5 = distances.topk(5, largest=False).indices
+    top5 = nearest_indices(generated, references, k=5)
     nearest_accuracy = (top5[:, 0] == chosen).float().mean().item()
     top5_accuracy = (top5 == chosen[:, None]).any(dim=1).float().mean().item()
     if grid_path:
@@ -847,8 +817,8 @@ def evaluate(model_name: str = "classroom", data_dir: Union[str, Path, None] = N
     originals = references[chosen[:roundtrip_images]]
     latents = model.encode(originals)
     context = embed_prompts(model, captions[:roundtrip_images])
-    codes = invert_latents(model, latents, context, inversion_steps)
-    back = sample_latents(model, context, uncond, codes, inversion_steps, guidance=1.0)
+    codes = ddim_invert(model, latents, context, inversion_steps, progress=False)
+    back = ddim_sample(model, codes, context, uncond, 1.0, inversion_steps, progress=False)
     return EvaluationReport(
         prompts=len(chosen), nearest_accuracy=nearest_accuracy, top5_accuracy=top5_accuracy,
         vae_psnr=psnr(model.decode(latents), originals),

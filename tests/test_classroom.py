@@ -338,26 +338,25 @@ def test_export_refuses_weights_above_the_limit(trained_tiny, tmp_path):
 
 def test_nearest_indices_and_psnr():
     references = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 0.0, 1.0)])
-    assert C.nearest_indices(references, references).tolist() == [0, 1, 2]
-    assert C.nearest_indices(references[[2, 0]] * 0.9, references).tolist() == [2, 0]
+    assert C.nearest_indices(references, references).tolist() == [[0], [1], [2]]
+    assert C.nearest_indices(references[[2, 0]] * 0.9, references).tolist() == [[2], [0]]
+    assert C.nearest_indices(references[[2]] * 0.9, references, k=5).tolist() == [[2, 1, 0]]
     a = torch.zeros(1, 3, 8, 8)
     assert C.psnr(a, a + 0.2) == pytest.approx(20.0, abs=1e-4)   # mse 0.04, peak-to-peak 2
 
 
-def test_sampling_with_guidance_one_matches_conditional_only(trained_tiny, tmp_path):
-    from impus_lite.models import load_model
-
-    model = load_model(str(C.export(trained_tiny, tmp_path / "classroom")), device="cpu")
-    context = C.embed_prompts(model, ["red square"])
-    uncond = C.embed_prompts(model, [""])
-    start = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    one = C.sample_latents(model, context, uncond, start, steps=3, guidance=1.0)
-    guided = C.sample_latents(model, context, context, start, steps=3, guidance=4.0)
-    assert torch.allclose(one, guided, atol=1e-5)    # uncond == cond: guidance changes nothing
-    other = C.sample_latents(model, context, uncond, start, steps=3, guidance=4.0)
-    assert not torch.allclose(one, other, atol=1e-4)
-    codes = C.invert_latents(model, model.encode(torch.zeros(1, 3, 64, 64)), context, steps=3)
-    assert codes.shape == (1, 4, 16, 16) and torch.isfinite(codes).all()
+def test_evaluate_on_the_training_images_of_a_tiny_model(trained_tiny, data_dir, tmp_path):
+    out = C.export(trained_tiny, tmp_path / "classroom")
+    grid = tmp_path / "grid.png"
+    report = C.evaluate(str(out), data_dir, prompts=4, steps=2, inversion_steps=3,
+                        roundtrip_images=2, grid_path=grid)
+    assert report.prompts == 4
+    assert report.nearest_accuracy * 4 == pytest.approx(round(report.nearest_accuracy * 4))
+    assert report.top5_accuracy == 1.0                  # only 4 references: all in the top 5
+    assert 5.0 < report.vae_psnr < 60.0 and 0.0 < report.roundtrip_psnr < 60.0
+    assert report.roundtrip_latent_rmse >= 0 and report.inverted_std > 0
+    assert Image.open(grid).size == (20 * 64, 64)       # 4 generated + 4 nearest, 20 a row
+    assert len(report.lines()) == 4
 
 
 def test_command_line_help(capsys):
