@@ -141,7 +141,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--model", default="tiny", help="'tiny', 'classroom', 'sd15-random' or any model name")
     p.add_argument("--pair", default=None,
                    help="folder with two images (default: data/pairs/emoji_cat_dog)")
-    p.add_argument("--prompt", default="an animal face", help="prompt (default 'an animal face')")
+    p.add_argument("--prompt", default="cat face dog face", help="prompt (default 'cat face dog face')")
     p.add_argument("--presets", nargs="+", default=["paper", "fast"], choices=sorted(PRESETS))
     p.add_argument("--frames", type=int, default=16, help="frames per morph (default 16)")
     p.add_argument("--size", type=int, help="image side (default: the model's resolution)")

@@ -49,3 +49,16 @@ def test_folder_without_model_index(tmp_path):
 def test_name_that_is_neither_folder_nor_hub_id():
     with pytest.raises(ModelLoadError, match="neither a folder nor a hub id"):
         load_model("./missing/folder/x", device="cpu")
+
+
+def test_the_shipped_classroom_model_loads_and_round_trips_an_emoji():
+    from impus_lite.images import load_image
+    from impus_lite.runtime import data_path
+
+    model = load_model("classroom", device="cpu")
+    assert model.resolution == 64 and model.vae_scale_factor == 4 and model.dtype == torch.float32
+    x = load_image(data_path("pairs", "emoji_cat_dog", "cat_face.png"), 64)
+    z = model.encode(x)
+    assert z.shape == (1, 4, 16, 16) and 0.3 < z.std().item() < 3.0  # latents scaled to about unit std
+    error = (model.decode(z) - x).abs().mean().item()
+    assert error < 0.1, error  # a trained VAE (the random tiny one is off by ~0.9)
