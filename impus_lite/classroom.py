@@ -534,7 +534,6 @@ def train_unet(config: TrainConfig, data: EmojiDataset, folder: Path, vae_state:
 
     Checkpoint ``unet.pt``: step, model, EMA and optimizer state, generator state, the latent
     scaling factor, history (step, mean loss of the last ``log_every`` steps)."""
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     path = folder / "unet.pt"
@@ -548,8 +547,7 @@ def train_unet(config: TrainConfig, data: EmojiDataset, folder: Path, vae_state:
         optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
     ema = EMAModel(model.parameters(), decay=config.ema_decay)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER_CONFIG.items()
-                                 if k not in ("set_alpha_to_one",)})
+    scheduler = training_noise_scheduler()
 
     vae = build_vae(config.arch)
     vae.load_state_dict(vae_state["model"])
@@ -677,6 +675,14 @@ def pipeline_from_checkpoints(checkpoint_dir: Union[str, Path], use_ema: bool = 
 def weights_megabytes(folder: Union[str, Path]) -> float:
     """Total size in MB (10^6 bytes) of the ``*.safetensors`` files under ``folder``."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors")) / 1e6
+
+
+def training_noise_scheduler():
+    """The forward process the UNet is trained on: ``DDPMScheduler`` on SD's schedule
+    (scaled-linear betas from 0.00085 to 0.012 over 1000 steps), the one DDIM later samples."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
 
 
 def export(checkpoint_dir: Union[str, Path] = None, out_dir: Union[str, Path] = CLASSROOM_DIR,

@@ -157,15 +157,17 @@ def test_vae_training_lowers_reconstruction_error(data_dir, tmp_path):
     assert last < first
 
 
-def test_diffusion_loss_drops_when_fitting_one_batch(data_dir):
-    from diffusers import DDPMScheduler
-
+def _tiny_denoiser(data_dir):
+    """Seeded tiny tokenizer, text encoder and UNet, and the training noise schedule."""
     torch.manual_seed(0)
     tokenizer = C.load_tokenizer(data_dir / "tokenizer")
     text_encoder = C.build_text_encoder("tiny", tokenizer)
     unet = C.build_unet("tiny", text_encoder.config.hidden_size)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")
+    return tokenizer, text_encoder, unet, C.training_noise_scheduler()
+
+
+def test_diffusion_loss_drops_when_fitting_one_batch(data_dir):
+    tokenizer, text_encoder, unet, scheduler = _tiny_denoiser(data_dir)
     latents = torch.randn(4, 4, 16, 16)
     ids = C.tokenize(tokenizer, CAPTIONS)
     noise = torch.randn_like(latents)
@@ -183,14 +185,7 @@ def test_diffusion_loss_drops_when_fitting_one_batch(data_dir):
 
 
 def test_min_snr_weighting_only_down_weights_clean_steps(data_dir):
-    from diffusers import DDPMScheduler
-
-    torch.manual_seed(0)
-    tokenizer = C.load_tokenizer(data_dir / "tokenizer")
-    text_encoder = C.build_text_encoder("tiny", tokenizer)
-    unet = C.build_unet("tiny", text_encoder.config.hidden_size)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")
+    tokenizer, text_encoder, unet, scheduler = _tiny_denoiser(data_dir)
     latents, noise = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
     ids = C.tokenize(tokenizer, CAPTIONS[:1])
     with torch.no_grad():
