@@ -199,6 +199,12 @@ class Morpher:
         inversion = [stage_key("inversion", text=t, steps=c.inversion_steps) for t in text]
         return {"text": text, "inversion": inversion}
 
+    def _lora_key(self) -> str:
+        """Key of the conditional adapter: both images' text keys, the rank and its training."""
+        c = self.config
+        return stage_key("lora", text=self._keys()["text"], rank=self.rank(), steps=c.lora_steps,
+                         lr=c.lora_lr, seed=c.seed)
+
     # ---- stage 1 ---------------------------------------------------------------------------
     def latents(self) -> torch.Tensor:
         """Stage 1: VAE latents (2, 4, S/f, S/f) of the two images."""
@@ -304,13 +310,13 @@ class Morpher:
         """Stages 5-6: train (or load) the adapters; returns (conditional, unconditional) names."""
         def compute():
             c, rank = self.config, self.rank()
-            latents, embeddings = self.latents(), self.embeddings()
+            self.latents()  # earlier stages run before this stage's clock starts
+            embeddings = self.embeddings()
             keys = self._keys()["text"]
             cond = uncond = None
             with self._stage("lora") as stats:
                 if rank > 0:
-                    key = stage_key("lora", text=keys, rank=rank, steps=c.lora_steps, lr=c.lora_lr, seed=c.seed)
-                    cond = self._adapter(COND_ADAPTER, key, rank, c.lora_steps, c.lora_lr,
+                    cond = self._adapter(COND_ADAPTER, self._lora_key(), rank, c.lora_steps, c.lora_lr,
                                          [embeddings[0:1], embeddings[1:2]], stats)
                 if c.uncond_lora_rank > 0:
                     key = stage_key("uncond_lora", text=keys, rank=c.uncond_lora_rank,
@@ -352,10 +358,8 @@ class Morpher:
             cond, _ = self.adapters()
             if cond is None:
                 return self.base_codes()
-            c = self.config
-            lora_key = stage_key("lora", text=self._keys()["text"], rank=self.rank(), steps=c.lora_steps,
-                                 lr=c.lora_lr, seed=c.seed)
-            keys = [stage_key("reinversion", lora=lora_key, image=i, steps=c.inversion_steps) for i in range(2)]
+            keys = [stage_key("reinversion", lora=self._lora_key(), image=i, steps=self.config.inversion_steps)
+                    for i in range(2)]
             return self._invert("reinversion", keys, cond)
         return self._once("codes", compute)
 
