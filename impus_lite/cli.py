@@ -60,16 +60,15 @@ def _add_morph(sub) -> None:
 
 def _run_morph(args) -> int:
     from .config import MorphConfig
-    from .errors import InputError
     from .models import load_model
     from .morph import morph
 
     from .images import open_rgb
+    from .text import check_prompt_not_empty
 
     for path in (args.image_a, args.image_b):  # fail on bad files before a model loads
         open_rgb(path)
-    if not args.prompt.strip():
-        raise InputError("The prompt is empty: name what the two images share, e.g. 'a photo of an animal'.")
+    check_prompt_not_empty(args.prompt)
     changes = {"seed": args.seed, "resize_mode": args.resize}
     if args.frames is not None:
         changes["frames"] = args.frames

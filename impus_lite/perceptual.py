@@ -18,7 +18,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch

@@ -21,10 +21,15 @@ from .errors import InputError
 from .models import DiffusionModel
 
 
-def check_prompt(model: DiffusionModel, prompt: str) -> None:
-    """Raise :class:`InputError` for an empty prompt or one longer than the tokenizer allows."""
+def check_prompt_not_empty(prompt: str) -> None:
+    """Raise :class:`InputError` for a missing or blank prompt (no model needed)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("The prompt is empty: name what the two images share, e.g. 'a photo of an animal'.")
+
+
+def check_prompt(model: DiffusionModel, prompt: str) -> None:
+    """Raise :class:`InputError` for an empty prompt or one longer than the tokenizer allows."""
+    check_prompt_not_empty(prompt)
     limit = int(model.tokenizer.model_max_length)
     count = len(model.tokenizer(prompt, truncation=False, verbose=False).input_ids)
     if count > limit:
