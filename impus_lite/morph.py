@@ -129,7 +129,7 @@ def choose_schedule(config: MorphConfig, cache: FrameCache, distance) -> Schedul
     if c.schedule == "reschedule":
         return rescheduled_search(cache, distance, c.frames, c.reschedule_passes,
                                   rel_tol=c.lpips_tol / c.lpips_step, step=c.lpips_step,
-                                  max_frames=c.max_frames)
+                                  max_frames=c.max_frames, damping=c.reschedule_damping)
     if c.frames is not None:
         return search_frame_count(cache, distance, c.frames, c.lpips_tol, c.search_candidates)
     return perceptual_search(cache, distance, c.lpips_step, c.lpips_tol, c.search_candidates, c.max_frames)

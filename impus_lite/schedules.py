@@ -248,15 +248,20 @@ def reschedule_alphas(alphas: Sequence[float], distances: Sequence[float], frame
 
 def rescheduled_search(cache: FrameCache, distance: Distance, frames: Optional[int], passes: int = 2,
                        rel_tol: float = 0.05, step: Optional[float] = None, max_frames: int = 64,
-                       probe_frames: int = 9) -> Schedule:
-    """DiffMorpher's reschedule, iterated: uniform alphas, then ``passes - 1`` reschedules.
+                       probe_frames: int = 9, damping: float = 0.0) -> Schedule:
+    """DiffMorpher's reschedule, iterated: uniform alphas, then up to ``passes - 1`` reschedules.
 
-    Each reschedule uses every frame rendered so far (merged and sorted), so the cumulative
-    curve gets finer with each pass. Stops early once every consecutive distance is within
-    ``rel_tol`` times their mean of the mean (relative, so it means the same for any distance's
-    scale; IMPUS's tolerance 0.01 on a step of 0.2 is 0.05). With ``frames=None`` the count follows from ``step`` as in IMPUS:
-    ``ceil(L / step) + 1`` for the path length L measured on ``probe_frames`` uniform frames
-    (capped at ``max_frames``).
+    Each pass inverts the cumulative curve of the previous pass's own ``frames`` (their
+    consecutive distances are the ones the result is judged on; LPIPS is not additive, so a
+    curve from finer frames would aim at the wrong steps) and moves the alphas part way:
+    ``alpha <- (1 - damping) * reschedule(alpha) + damping * alpha``. Undamped (DiffMorpher,
+    ``damping=0``) the alphas can overshoot and oscillate around a sharp transition; 0.3 settles
+    in three or four passes on the morphs we measured. Returns the most even pass (smallest
+    variance of its distances) and stops early once every distance is within ``rel_tol`` times
+    their mean of the mean (relative, so it means the same for any distance's scale; IMPUS's
+    tolerance 0.01 on a step of 0.2 is 0.05). With ``frames=None`` the count follows from
+    ``step`` as in IMPUS: ``ceil(L / step) + 1`` for the path length L measured on
+    ``probe_frames`` uniform frames (capped at ``max_frames``).
     """
     if frames is None:
         if step is None or step <= 0:
@@ -266,15 +271,18 @@ def rescheduled_search(cache: FrameCache, distance: Distance, frames: Optional[i
     _check_frames(frames)
     if passes < 1:
         raise InputError(f"The reschedule needs at least one pass, got {passes}.")
-    schedule = fixed_schedule(uniform_alphas(frames), cache, distance)
+    if not 0.0 <= damping < 1.0:
+        raise InputError(f"The reschedule's damping must be in [0, 1), got {damping}.")
+    schedule = best = fixed_schedule(uniform_alphas(frames), cache, distance)
     for _ in range(passes - 1):
         d = np.asarray(schedule.distances)
         if np.all(np.abs(d - d.mean()) <= rel_tol * d.mean()):
             break
-        seen = sorted(cache.frames)
-        seen_frames = cache.get(seen)
-        alphas = reschedule_alphas(seen, _consecutive(seen_frames, distance), frames)
-        schedule = fixed_schedule(alphas, cache, distance)
-    schedule.step = float(np.mean(schedule.distances))
-    schedule.renders = cache.renders
-    return schedule
+        target = np.asarray(reschedule_alphas(schedule.alphas, schedule.distances, frames))
+        alphas = (1.0 - damping) * target + damping * np.asarray(schedule.alphas)
+        schedule = fixed_schedule([float(a) for a in alphas], cache, distance)
+        if np.var(schedule.distances) < np.var(best.distances):
+            best = schedule
+    best.step = float(np.mean(best.distances))
+    best.renders = cache.renders
+    return best

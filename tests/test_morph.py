@@ -60,6 +60,7 @@ FIELD_CHANGES = {
     "lora_rank": 3, "rppd_frames": 4, "lora_steps": 3, "lora_lr": 0.05, "uncond_lora_rank": 0,
     "uncond_lora_steps": 4, "uncond_lora_lr": 0.05, "sample_steps": 4, "min_guidance": 1.0,
     "max_guidance": 5.0, "schedule": "uniform", "frames": 4, "reschedule_passes": 1,
+    "reschedule_damping": 0.5,
     "batch_size": 1, "seed": 1,
     # Fields read only under some schedules, checked against a base config that uses them:
     "lpips_step": 0.04, "lpips_tol": 0.02, "search_candidates": 3, "max_frames": 3,
@@ -73,6 +74,7 @@ BASES = {
     "max_frames": dict(schedule="perceptual", frames=None, lpips_step=0.05, lpips_tol=0.005),
     "beta_a": dict(schedule="beta"), "beta_b": dict(schedule="beta"),
     "reschedule_passes": dict(reschedule_passes=3, frames=5, lpips_tol=0.0),
+    "reschedule_damping": dict(schedule="reschedule", reschedule_passes=2, frames=5, lpips_tol=0.0),
     "schedule": dict(reschedule_passes=3, frames=5, lpips_tol=0.0),
 }
 
@@ -112,7 +114,8 @@ def test_presets_hold_the_reference_numbers():
 
 @pytest.mark.parametrize("changes, message", [
     (dict(frames=1), "at least 2 frames"), (dict(schedule="zigzag"), "Unknown schedule"),
-    (dict(lpips_step=0), "must be positive"), (dict(schedule="uniform", frames=None), "needs a frame count"),
+    (dict(lpips_step=0), "must be positive"), (dict(reschedule_damping=1.0), "in \\[0, 1\\)"),
+    (dict(schedule="uniform", frames=None), "needs a frame count"),
 ])
 def test_bad_config_values(changes, message):
     with pytest.raises(InputError, match=message):

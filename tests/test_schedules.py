@@ -59,6 +59,34 @@ def test_reschedule_evens_out_the_uneven_uniform_path(frames):
     assert d.std() < uniform.std() / 10
 
 
+def test_damped_reschedule_moves_part_way_from_the_previous_alphas():
+    # Two passes: uniform alphas, then (1 - damping) * reschedule(uniform) + damping * uniform.
+    frames, damping = 5, 0.3
+    uniform = uniform_alphas(frames)
+    d = [float(distance(render([a]), render([b]))) for a, b in zip(uniform[:-1], uniform[1:])]
+    full = np.asarray(reschedule_alphas(uniform, d, frames))
+    s = rescheduled_search(FrameCache(render), distance, frames, passes=2, rel_tol=0.0, damping=damping)
+    assert np.allclose(s.alphas, (1 - damping) * full + damping * np.asarray(uniform))
+    assert np.var(s.distances) < np.var(d)
+
+
+def test_reschedule_returns_its_most_even_pass_and_rejects_bad_damping():
+    def uneven(frames):
+        return [float(distance(render([a]), render([b]))) for a, b in zip(frames[:-1], frames[1:])]
+
+    s = rescheduled_search(FrameCache(render), distance, 5, passes=4, rel_tol=0.0, damping=0.5)
+    cache = FrameCache(render)
+    passes = [uniform_alphas(5)]
+    for _ in range(3):
+        target = np.asarray(reschedule_alphas(passes[-1], uneven(passes[-1]), 5))
+        passes.append(list(0.5 * target + 0.5 * np.asarray(passes[-1])))
+    variances = [np.var(uneven(a)) for a in passes]
+    assert np.allclose(s.alphas, passes[int(np.argmin(variances))])
+    assert s.renders == 5 + 3 * 3  # endpoints once, three interior frames per later pass
+    with pytest.raises(InputError):
+        rescheduled_search(cache, distance, 5, passes=2, damping=1.0)
+
+
 def test_reschedule_frame_count_follows_from_the_step():
     s = rescheduled_search(FrameCache(render), distance, None, passes=2, step=0.2)
     assert len(s.alphas) == 6  # ceil(1 / 0.2) + 1
