@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from .config import MorphConfig
 from .errors import InputError
@@ -175,7 +176,9 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
 
     if base.frames is None:
         raise InputError("Evaluation compares rows at one frame count: set frames=N.")
-    state = PartialState()
+    # accelerate picks gloo for CPU processes only when told the run is on the CPU.
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    state = PartialState(cpu=on_cpu)
     out = Path(out_dir)
     pairs = find_pairs(pairs_root)
     mine = pairs[state.process_index::state.num_processes]

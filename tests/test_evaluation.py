@@ -1,4 +1,8 @@
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -53,6 +57,31 @@ def test_ablation_rows_differ_where_they_should(tiny_model, pairs_root, lpips_ra
     assert [s["ablation"] for s in summary] == list(ABLATIONS)
     table = markdown_table(summary, ("ablation", "pdv"))
     assert table.count("\n") == len(ABLATIONS) + 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_evaluate_splits_pairs_across_accelerate_processes(tiny_model, pairs_root, tmp_path):
+    # Two CPU processes under `accelerate launch`: each morphs one pair, the main one merges.
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               "-m", "impus_lite", "evaluate", str(pairs_root), "--model", "tiny", "--device", "cpu",
+               "--frames", "2", "--ablations", "uniform", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = [{row["pair"] for row in json.loads((out / "parts" / f"results-{k}.json").read_text())}
+             for k in range(2)]
+    assert parts == [{"one"}, {"two"}]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted(r["pair"] for r in rows) == ["one", "two"]
+    assert done.stdout.count("| uniform |") == 1  # only the main process prints the table
 
 
 def test_evaluate_command_writes_tables_and_plots(pairs_root, tmp_path, monkeypatch):
