@@ -42,7 +42,7 @@ class MorphConfig:
         search_candidates: alphas rendered per search round (1 = binary search).
         reschedule_passes: render passes of the "reschedule" schedule.
         reschedule_damping: how far each reschedule pass stays at the previous alphas (0 =
-            DiffMorpher's full step; 0.3 stops the alphas oscillating around sharp transitions).
+            DiffMorpher's full step; 0.3 keeps the alphas from swinging back and forth).
         beta_a, beta_b: the Beta prior of the "beta" schedule.
         max_frames: upper bound on frames from the perceptual search.
         batch_size: frames rendered per UNet batch.

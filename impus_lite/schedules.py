@@ -255,8 +255,9 @@ def rescheduled_search(cache: FrameCache, distance: Distance, frames: Optional[i
     consecutive distances are the ones the result is judged on; LPIPS is not additive, so a
     curve from finer frames would aim at the wrong steps) and moves the alphas part way:
     ``alpha <- (1 - damping) * reschedule(alpha) + damping * alpha``. Undamped (DiffMorpher,
-    ``damping=0``) the alphas can overshoot and oscillate around a sharp transition; 0.3 settles
-    in three or four passes on the morphs we measured. Returns the most even pass (smallest
+    ``damping=0``) the alphas can overshoot and swing back and forth; on the classroom model's
+    smoother paths 0.3 settled in three or four passes, while on a near-step path undamped
+    passes got closer (README, "Cost and speed"). Returns the most even pass (smallest
     variance of its distances) and stops early once every distance is within ``rel_tol`` times
     their mean of the mean (relative, so it means the same for any distance's scale; IMPUS's
     tolerance 0.01 on a step of 0.2 is 0.05). With ``frames=None`` the count follows from

@@ -21,6 +21,11 @@ def distance(x, y):
     return (x - y).abs().mean(dim=(1, 2, 3))
 
 
+def steps_of(alphas):
+    """The consecutive distances |a_{k+1}^2 - a_k^2| of frames rendered at ``alphas``."""
+    return [float(distance(render([a]), render([b]))) for a, b in zip(alphas[:-1], alphas[1:])]
+
+
 def test_perceptual_search_makes_even_steps():
     cache = FrameCache(render, batch_size=4)
     s = perceptual_search(cache, distance, step=0.2, tol=0.01)
@@ -51,8 +56,7 @@ def test_asking_for_n_frames_gives_n_even_frames(frames):
 
 @pytest.mark.parametrize("frames", [5, 17])
 def test_reschedule_evens_out_the_uneven_uniform_path(frames):
-    uniform = np.asarray([float(distance(render([a]), render([b]))) for a, b in
-                          zip(uniform_alphas(frames)[:-1], uniform_alphas(frames)[1:])])
+    uniform = np.asarray(steps_of(uniform_alphas(frames)))
     s = rescheduled_search(FrameCache(render), distance, frames, passes=3)
     d = np.asarray(s.distances)
     assert len(s.alphas) == frames
@@ -63,7 +67,7 @@ def test_damped_reschedule_moves_part_way_from_the_previous_alphas():
     # Two passes: uniform alphas, then (1 - damping) * reschedule(uniform) + damping * uniform.
     frames, damping = 5, 0.3
     uniform = uniform_alphas(frames)
-    d = [float(distance(render([a]), render([b]))) for a, b in zip(uniform[:-1], uniform[1:])]
+    d = steps_of(uniform)
     full = np.asarray(reschedule_alphas(uniform, d, frames))
     s = rescheduled_search(FrameCache(render), distance, frames, passes=2, rel_tol=0.0, damping=damping)
     assert np.allclose(s.alphas, (1 - damping) * full + damping * np.asarray(uniform))
@@ -71,20 +75,16 @@ def test_damped_reschedule_moves_part_way_from_the_previous_alphas():
 
 
 def test_reschedule_returns_its_most_even_pass_and_rejects_bad_damping():
-    def uneven(frames):
-        return [float(distance(render([a]), render([b]))) for a, b in zip(frames[:-1], frames[1:])]
-
     s = rescheduled_search(FrameCache(render), distance, 5, passes=4, rel_tol=0.0, damping=0.5)
-    cache = FrameCache(render)
     passes = [uniform_alphas(5)]
     for _ in range(3):
-        target = np.asarray(reschedule_alphas(passes[-1], uneven(passes[-1]), 5))
+        target = np.asarray(reschedule_alphas(passes[-1], steps_of(passes[-1]), 5))
         passes.append(list(0.5 * target + 0.5 * np.asarray(passes[-1])))
-    variances = [np.var(uneven(a)) for a in passes]
+    variances = [np.var(steps_of(a)) for a in passes]
     assert np.allclose(s.alphas, passes[int(np.argmin(variances))])
     assert s.renders == 5 + 3 * 3  # endpoints once, three interior frames per later pass
     with pytest.raises(InputError):
-        rescheduled_search(cache, distance, 5, passes=2, damping=1.0)
+        rescheduled_search(FrameCache(render), distance, 5, passes=2, damping=1.0)
 
 
 def test_reschedule_frame_count_follows_from_the_step():
