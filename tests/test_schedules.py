@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from impus_lite.errors import InputError
-from impus_lite.schedules import (FrameCache, beta_alphas, perceptual_search, reschedule_alphas,
+from impus_lite.schedules import (FrameCache, beta_alphas, distance_curve, fit_distance_power,
+                                  fixed_schedule, perceptual_search, reschedule_alphas,
                                   rescheduled_search, search_frame_count, uniform_alphas)
 
 
@@ -19,6 +20,11 @@ def render(alphas):
 
 def distance(x, y):
     return (x - y).abs().mean(dim=(1, 2, 3))
+
+
+def squared_distance(x, y):
+    """(a^2 - b^2)^2 on this path: like LPIPS over small steps, it adds up only as its square root."""
+    return ((x - y) ** 2).mean(dim=(1, 2, 3))
 
 
 def steps_of(alphas):
@@ -75,16 +81,54 @@ def test_damped_reschedule_moves_part_way_from_the_previous_alphas():
 
 
 def test_reschedule_returns_its_most_even_pass_and_rejects_bad_damping():
-    s = rescheduled_search(FrameCache(render), distance, 5, passes=4, rel_tol=0.0, damping=0.5)
+    # With an additive distance (power 1) the curve through every rendered frame is the exact
+    # cumulative distance at those alphas, so each pass reschedules the union of all passes.
+    s = rescheduled_search(FrameCache(render), distance, 5, passes=4, rel_tol=0.0, damping=0.5, power=1.0)
     passes = [uniform_alphas(5)]
     for _ in range(3):
-        target = np.asarray(reschedule_alphas(passes[-1], steps_of(passes[-1]), 5))
+        seen = sorted(set().union(*passes))
+        target = np.asarray(reschedule_alphas(seen, steps_of(seen), 5))
         passes.append(list(0.5 * target + 0.5 * np.asarray(passes[-1])))
     variances = [np.var(steps_of(a)) for a in passes]
     assert np.allclose(s.alphas, passes[int(np.argmin(variances))])
     assert s.renders == 5 + 3 * 3  # endpoints once, three interior frames per later pass
     with pytest.raises(InputError):
         rescheduled_search(FrameCache(render), distance, 5, passes=2, damping=1.0)
+
+
+def test_fitted_power_makes_finer_distances_add_up():
+    # A gap of length h cut into n equal parts: squared distances give D = h^2 and parts
+    # (h/n)^2, so sum (1/n^2)^p = 1 at p = 1/2; additive distances at p = 1.
+    h, n = 0.4, 4
+    assert fit_distance_power([h ** 2], [np.full(n, (h / n) ** 2)]) == pytest.approx(0.5, abs=1e-3)
+    assert fit_distance_power([h, 0.3], [np.full(n, h / n), None]) == pytest.approx(1.0, abs=1e-3)
+    assert fit_distance_power([h], [None], default=0.7) == 0.7          # nothing finer rendered
+    assert fit_distance_power([h], [np.array([h, h])]) == 2.0           # clipped to its bounds
+
+
+def test_distance_curve_runs_through_every_rendered_frame():
+    cache = FrameCache(render)
+    coarse = fixed_schedule([0.0, 0.5, 1.0], cache, distance)
+    cache.get([0.1, 0.3, 0.7])
+    knots, curve, p = distance_curve(coarse, cache, distance)
+    assert knots.tolist() == [0.0, 0.1, 0.3, 0.5, 0.7, 1.0]
+    assert p == pytest.approx(1.0, abs=1e-3)
+    assert np.allclose(curve, knots ** 2, atol=1e-3)  # the exact cumulative distance a^2
+    coarse = fixed_schedule([0.0, 0.5, 1.0], cache, squared_distance)
+    knots, curve, p = distance_curve(coarse, cache, squared_distance)
+    assert p == pytest.approx(0.5, abs=1e-3)          # sqrt of (a^2 - b^2)^2 adds up
+    assert np.allclose(curve, knots ** 2, atol=1e-3)
+
+
+def test_fitted_power_evens_out_a_distance_that_does_not_add_up():
+    # Equal steps of a^2 are equal squared distances: alpha_k = sqrt(k / (K-1)).
+    frames = 9
+    exact = np.sqrt(np.linspace(0, 1, frames))
+    fitted = rescheduled_search(FrameCache(render), squared_distance, frames, passes=4, rel_tol=0.0)
+    plain = rescheduled_search(FrameCache(render), squared_distance, frames, passes=4, rel_tol=0.0, power=1.0)
+    assert np.abs(np.asarray(fitted.alphas) - exact).max() < 0.01
+    assert np.var(fitted.distances) < np.var(plain.distances) / 10
+    assert any("exponent" in n for n in fitted.notes)
 
 
 def test_reschedule_frame_count_follows_from_the_step():
