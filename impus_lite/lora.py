@@ -85,7 +85,8 @@ def train_lora(model: DiffusionModel, name: str, latents: Sequence[torch.Tensor]
 
     Each step draws one t and eps per image and minimises the sum of the per-image diffusion
     losses ``sum_i || eps - eps_theta+BA(z_i,t, t, e_i) ||^2``. Only the adapter's A and B
-    matrices change.
+    matrices change. Each image's loss is back-propagated on its own (the gradients add up to
+    those of the sum), so the peak memory holds one image's activations, not all of them.
 
     Args:
         latents: one (1, 4, h, w) latent per image; embeddings: one (1, L, D) per image.
@@ -108,11 +109,14 @@ def train_lora(model: DiffusionModel, name: str, latents: Sequence[torch.Tensor]
     try:
         with model.using_adapter(name):
             for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-                loss = sum(model.diffusion_loss(z, e, generator) for z, e in zip(latents, embeddings))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                total = 0.0
+                for z, e in zip(latents, embeddings):   # one image's graph in memory at a time;
+                    loss = model.diffusion_loss(z, e, generator)
+                    loss.backward()                       # gradients of the sum accumulate
+                    total += float(loss.detach())
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(total)
     finally:
         model.unet.eval()
         for p in params:
