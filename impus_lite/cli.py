@@ -144,6 +144,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--presets", nargs="+", default=["paper", "fast"], choices=sorted(PRESETS))
     p.add_argument("--frames", type=int, default=16, help="frames per morph (default 16)")
     p.add_argument("--size", type=int, help="image side (default: the model's resolution)")
+    p.add_argument("--training-memory", action="store_true",
+                   help="instead of morphing, print the weights and the activations one training "
+                        "step saves for backward (works for sd15-random on a CPU)")
     _add_device_flags(p)
     p.add_argument("--out", default=None, help="write the report as JSON here (e.g. out/bench.json)")
 
@@ -154,8 +157,15 @@ def _run_bench(args) -> int:
     from .models import load_model
     from .runtime import data_path
 
-    pair = find_pairs(args.pair or data_path("pairs", "emoji_cat_dog"))[0]
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.training_memory:
+        from .bench import format_training_memory, training_memory
+        report = training_memory(model, args.size)
+        print(format_training_memory(report))
+        if args.out:
+            print(f"wrote {write_report(report, args.out)}")
+        return 0
+    pair = find_pairs(args.pair or data_path("pairs", "emoji_cat_dog"))[0]
     overrides = {"size": args.size} if args.size else {}
     report = bench_presets(model, pair.image0, pair.image1, args.prompt, args.presets, args.frames, overrides)
     print(format_report(report))

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import TINY_CONFIG, smooth_image
-from impus_lite.bench import bench_presets, format_report
+from impus_lite.bench import SavedActivations, bench_presets, format_report, training_memory
 from impus_lite.cli import main
 from impus_lite.errors import InputError
 from impus_lite.evaluation import ABLATIONS, evaluate_pair, find_pairs, markdown_table, summarise
@@ -110,6 +110,35 @@ def test_bench_counts_cost_per_stage_and_fast_is_cheaper(tiny_model, image_pair)
         fast["total_unet_evals"] / paper["total_unet_evals"])
     text = format_report(report)
     assert "fast / paper UNet evaluations" in text and "reinversion" in text
+
+
+def test_saved_activations_counts_what_autograd_keeps_until_backward():
+    import torch
+    x = torch.randn(1000, requires_grad=True)
+    w = torch.randn(1000, requires_grad=True)
+    with SavedActivations() as meter:
+        y = (x * w).sum()          # the product saves both float32 factors: 2 x 4000 bytes
+        assert meter.live == meter.peak == 8000
+        y.backward()
+        assert meter.live == 0 and meter.peak == 8000
+    with SavedActivations() as meter:
+        with torch.no_grad():
+            (x * w).sum()
+    assert meter.peak == 0
+
+
+def test_training_memory_reports_weights_and_grows_with_the_image(tiny_model, tmp_path, capsys):
+    tiny_model.remove_adapters()
+    small, large = training_memory(tiny_model, 32), training_memory(tiny_model, 64)
+    unet_mb = sum(p.numel() * p.element_size() for p in tiny_model.unet.parameters()) / 2**20
+    assert small["weights_mb"]["unet"] == pytest.approx(unet_mb, abs=1e-3)
+    for key in ("text_step_saved_mb", "lora_step_saved_mb"):
+        assert 0 < small[key] < large[key]
+    assert tiny_model.adapter_names() == []   # the probe's adapter is gone again
+    out = tmp_path / "memory.json"
+    assert main(["bench", "--model", "tiny", "--training-memory", "--size", "32", "--out", str(out)]) == 0
+    assert "saved for backward, one LoRA step" in capsys.readouterr().out
+    assert json.loads(out.read_text())["lora_step_saved_mb"] == pytest.approx(small["lora_step_saved_mb"])
 
 
 def test_sd15_architecture_has_the_real_parameter_counts():

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from impus_lite.bench import SavedActivations
 from impus_lite.errors import InputError
 from impus_lite.lora import (adapter_parameters, adapter_state, add_lora, is_outlier_code,
                              load_adapter_state, rank_from_rppd, train_lora)
@@ -76,37 +77,11 @@ def test_unknown_adapter(tiny_model):
         train_lora(tiny_model, "missing", [torch.zeros(1, 4, 8, 8)], [torch.zeros(1, 77, 32)], 1)
 
 
-class _SavedActivations:
-    """Bytes of the tensors autograd keeps for backward, live now and at most (a CPU stand-in
-    for the GPU's peak memory during training)."""
-
-    def __init__(self):
-        self.live = self.peak = 0
-
-    def pack(self, tensor):
-        return _Held(self, tensor)
-
-    @staticmethod
-    def unpack(held):
-        return held.tensor
-
-
-class _Held:
-    def __init__(self, meter, tensor):
-        self.meter, self.tensor, self.nbytes = meter, tensor, tensor.numel() * tensor.element_size()
-        meter.live += self.nbytes
-        meter.peak = max(meter.peak, meter.live)
-
-    def __del__(self):
-        self.meter.live -= self.nbytes
-
-
 def _peak_saved_bytes(model, images):
     z = torch.randn(images, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     e = encode_prompt(model, "a photo")
     add_lora(model, "meter", 4)
-    meter = _SavedActivations()
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+    with SavedActivations() as meter:
         train_lora(model, "meter", list(z), [e] * images, steps=2, progress=False)
     model.remove_adapters()
     return meter.peak
