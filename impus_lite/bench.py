@@ -118,8 +118,7 @@ def training_memory(model, size: Optional[int] = None, lora_rank: int = 16) -> d
         with SavedActivations() as meter:
             train_lora(model, "memory-probe", [latents], [embedding], steps=1, progress=False)
     finally:
-        model.unet.delete_adapters("memory-probe")
-        model.adapters_changed()
+        model.remove_adapter("memory-probe")
     report["lora_rank"] = lora_rank
     report["lora_step_saved_mb"] = round(meter.peak / 2**20, 3)
     return report

@@ -59,9 +59,7 @@ def add_lora(model: DiffusionModel, name: str, rank: int, seed: int = 0) -> None
 
     if rank < 1:
         raise InputError(f"LoRA rank must be >= 1, got {rank}.")
-    if name in model.adapter_names():
-        model.unet.delete_adapters(name)
-        model.adapters_changed()
+    model.remove_adapter(name)
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=list(LORA_TARGETS))
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.filterwarnings("ignore", message=".*peft_config.*")  # on every adapter after the first

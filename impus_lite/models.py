@@ -374,6 +374,12 @@ class DiffusionModel:
         """Call after adding or deleting adapters on ``unet`` directly: the active one is unknown."""
         self._active_adapter = None
 
+    def remove_adapter(self, name: str) -> None:
+        """Detach LoRA adapter ``name`` if it is attached; the others stay."""
+        if name in self.adapter_names():
+            self.unet.delete_adapters(name)
+            self.adapters_changed()
+
     def remove_adapters(self) -> None:
         """Detach every LoRA adapter: the UNet is the base model again."""
         for name in self.adapter_names():
