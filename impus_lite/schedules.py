@@ -283,13 +283,13 @@ def fit_distance_power(coarse: Sequence[float], fine: Sequence[Optional[np.ndarr
     """
     from scipy.optimize import brentq
 
-    pairs = [(np.asarray(f, dtype=np.float64) / max(float(D), 1e-12)) for D, f in zip(coarse, fine)
-             if f is not None]
-    if not pairs:
+    ratios = [np.asarray(f, dtype=np.float64) / max(float(D), 1e-12) for D, f in zip(coarse, fine)
+              if f is not None]                      # delta_ki / D_k, one array per gap
+    if not ratios:
         return float(default)
 
     def excess(p: float) -> float:
-        return float(sum((ratio ** p).sum() - 1.0 for ratio in pairs))
+        return float(sum((r ** p).sum() - 1.0 for r in ratios))
 
     lo, hi = bounds
     if excess(lo) <= 0:
