@@ -1,0 +1,366 @@
+"""Training the classroom model, in two resumable stages: the VAE (64x64x3 images <-> 16x16x4
+latents, L1 + L2 + a small KL), then the UNet and the text encoder jointly on the epsilon loss,
+with caption dropout for classifier-free guidance. Also the architecture presets and the
+functions that build the networks, the losses and the checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..models import SD_SCHEDULER_CONFIG, impus_cache_dir
+from .data import IMAGE_SIZE, EmojiDataset, default_data_dir
+from .tokenizer import load_tokenizer, tokenize
+
+
+def default_train_dir() -> Path:
+    """Where ``train`` keeps its checkpoints and log (under the impus_lite cache, not in git)."""
+    return impus_cache_dir() / "classroom-train"
+
+
+#: Architecture presets: "classroom" is the shipped model, "tiny" is for tests.
+ARCHITECTURES = {
+    "classroom": dict(
+        vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16),
+        unet=dict(block_out_channels=(64, 128, 192), layers_per_block=1, norm_num_groups=32,
+                  attention_head_dim=8,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+        text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=4),
+    ),
+    "tiny": dict(
+        vae=dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8),
+        unet=dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                  attention_head_dim=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4),
+    ),
+}
+
+
+def build_vae(arch: str, image_size: int = IMAGE_SIZE):
+    """An ``AutoencoderKL`` with scale factor 4: (B, 3, 64, 64) <-> (B, 4, 16, 16)."""
+    from diffusers import AutoencoderKL
+
+    spec = ARCHITECTURES[arch]["vae"]
+    levels = len(spec["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, **spec)
+
+
+def build_unet(arch: str, cross_attention_dim: int, latent_size: int = IMAGE_SIZE // 4):
+    """A ``UNet2DConditionModel`` on (B, 4, 16, 16) latents with cross attention to text
+    embeddings of width ``cross_attention_dim``."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=latent_size, in_channels=4, out_channels=4,
+                                cross_attention_dim=cross_attention_dim,
+                                **ARCHITECTURES[arch]["unet"])
+
+
+def build_text_encoder(arch: str, tokenizer):
+    """A ``CLIPTextModel`` for ``tokenizer`` (77 positions, SD's text length)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = ARCHITECTURES[arch]["text"]
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=spec["hidden_size"], bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec))
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters of a module."""
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run; stored in the checkpoint folder.
+
+    Steps are totals: running ``train`` again with larger ``unet_steps`` resumes and extends a
+    finished run. The architecture, seed and batch sizes of an existing run are kept.
+    """
+
+    data_dir: str = field(default_factory=lambda: str(default_data_dir()))
+    checkpoint_dir: str = field(default_factory=lambda: str(default_train_dir()))
+    arch: str = "classroom"
+    seed: int = 0
+    vae_steps: int = 1000
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    unet_steps: int = 6000
+    unet_batch_size: int = 32
+    unet_lr: float = 5e-4
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 200
+    log_every: int = 50
+    threads: Optional[int] = None
+    progress: bool = True
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """Limit PyTorch to ``threads`` CPU threads (None: PyTorch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:  # only settable before the first parallel work
+            pass
+
+
+def training_noise_scheduler():
+    """The forward process the UNet is trained on: ``DDPMScheduler`` on SD's schedule
+    (scaled-linear betas from 0.00085 to 0.012 over 1000 steps), the one DDIM later samples."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+
+
+def vae_loss(vae, images: torch.Tensor, generator: torch.Generator,
+             kl_weight: float) -> tuple[torch.Tensor, dict]:
+    """L1 + L2 reconstruction of images (B, 3, H, W) in [-1, 1] through a sampled latent,
+    plus ``kl_weight`` times the KL to N(0, I) summed over latent cells (mean over batch)."""
+    posterior = vae.encode(images).latent_dist
+    recon = vae.decode(posterior.sample(generator=generator)).sample
+    l1 = (recon - images).abs().mean()
+    l2 = (recon - images).pow(2).mean()
+    kl = posterior.kl().mean()
+    return l1 + l2 + kl_weight * kl, {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+
+
+def diffusion_loss(unet, text_encoder, latents: torch.Tensor, token_ids: torch.Tensor,
+                   noise: torch.Tensor, timesteps: torch.Tensor, scheduler,
+                   min_snr_gamma: Optional[float] = None) -> torch.Tensor:
+    """The epsilon loss ||eps - eps_theta(z_t, t, c)||^2 of scaled latents (B, 4, h, w).
+
+    With ``min_snr_gamma`` each sample is weighted by min(SNR(t), gamma) / SNR(t) (Min-SNR,
+    Hang et al. 2023), which speeds up training; the weight is 1 for noisy steps."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    context = text_encoder(token_ids)[0]
+    prediction = unet(noisy, timesteps, context).sample
+    per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        alphas = scheduler.alphas_cumprod[timesteps]
+        snr = alphas / (1 - alphas)
+        per_sample = per_sample * (snr.clamp(max=min_snr_gamma) / snr)
+    return per_sample.mean()
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _progress(total: int, start: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, disable=not enabled, mininterval=5,
+                dynamic_ncols=True)
+
+
+def _log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"[{time.strftime('%H:%M:%S')}] {message}")
+    sys.stdout.flush()
+
+
+def train_vae(config: TrainConfig, data: EmojiDataset, folder: Path) -> dict:
+    """Train (or resume) the VAE stage up to ``config.vae_steps``; returns its checkpoint.
+
+    Checkpoint ``vae.pt``: step, model and optimizer state, data/noise generator state,
+    history (step, mean loss of the last ``log_every`` steps)."""
+    path = folder / "vae.pt"
+    torch.manual_seed(config.seed)  # the initial weights
+    vae = build_vae(config.arch)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    state = {"step": 0, "history": []}
+    if path.is_file():
+        state = torch.load(path, weights_only=False)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+    if state["step"] >= config.vae_steps:
+        return state
+    images = data.pixels()
+    vae.train()
+    recent = []
+    bar = _progress(config.vae_steps, state["step"], "vae", config.progress)
+
+    def checkpoint():
+        state.update(model=vae.state_dict(), optimizer=optimizer.state_dict(),
+                     generator=generator.get_state(), config=asdict(config))
+        _save_atomic(state, path)
+
+    for step in range(state["step"], config.vae_steps):
+        batch = images[torch.randint(len(images), (config.vae_batch_size,), generator=generator)]
+        loss, parts = vae_loss(vae, batch, generator, config.kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        state["step"] = step + 1
+        recent.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", l1=f"{parts['l1']:.4f}", refresh=False)
+        if state["step"] % config.log_every == 0 or state["step"] == config.vae_steps:
+            state["history"].append((state["step"], float(np.mean(recent))))
+            _log(f"vae step {state['step']}: loss {np.mean(recent):.5f} (l1 {parts['l1']:.4f}, "
+                 f"kl {parts['kl']:.1f})")
+            recent = []
+        if state["step"] % config.checkpoint_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    return state
+
+
+@torch.no_grad()
+def encode_dataset(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Posterior means (N, 4, 16, 16) of images (N, 3, 64, 64) in [-1, 1], unscaled."""
+    vae.eval()
+    return torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.mean
+                      for i in range(0, len(images), batch_size)])
+
+
+def latent_scaling_factor(latents: torch.Tensor) -> float:
+    """1 / std of the latents: multiplying by it gives latents of unit standard deviation
+    (the role 0.18215 plays for SD's VAE)."""
+    return float(1.0 / latents.float().std())
+
+
+class _Diffuser(torch.nn.Module):
+    """The UNet and the text encoder trained together: one module, one optimizer."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+
+def train_unet(config: TrainConfig, data: EmojiDataset, folder: Path, vae_state: dict) -> dict:
+    """Train (or resume) the UNet + text encoder stage up to ``config.unet_steps``.
+
+    Checkpoint ``unet.pt``: step, model, EMA and optimizer state, generator state, the latent
+    scaling factor, history (step, mean loss of the last ``log_every`` steps)."""
+    from diffusers.training_utils import EMAModel
+
+    path = folder / "unet.pt"
+    tokenizer = load_tokenizer(Path(config.data_dir) / "tokenizer")
+    torch.manual_seed(config.seed + 1)  # the initial weights
+    text_encoder = build_text_encoder(config.arch, tokenizer)
+    unet = build_unet(config.arch, text_encoder.config.hidden_size)
+    model = _Diffuser(unet, text_encoder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.unet_lr, weight_decay=1e-2)
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
+    ema = EMAModel(model.parameters(), decay=config.ema_decay)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    scheduler = training_noise_scheduler()
+
+    vae = build_vae(config.arch)
+    vae.load_state_dict(vae_state["model"])
+    raw_latents = encode_dataset(vae, data.pixels())
+    state = {"step": 0, "history": [], "scaling_factor": latent_scaling_factor(raw_latents)}
+    if path.is_file():
+        state = torch.load(path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        warmup.load_state_dict(state["lr_schedule"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+    if state["step"] >= config.unet_steps:
+        return state
+    latents = raw_latents * state["scaling_factor"]
+    token_ids = tokenize(tokenizer, data.captions)
+    empty_ids = tokenize(tokenizer, [""])
+    model.train()
+    recent = []
+    bar = _progress(config.unet_steps, state["step"], "unet", config.progress)
+
+    def checkpoint():
+        state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     lr_schedule=warmup.state_dict(), ema=ema.state_dict(),
+                     generator=generator.get_state(), config=asdict(config))
+        _save_atomic(state, path)
+
+    for step in range(state["step"], config.unet_steps):
+        index = torch.randint(len(latents), (config.unet_batch_size,), generator=generator)
+        ids = token_ids[index].clone()
+        drop = torch.rand(len(index), generator=generator) < config.caption_dropout
+        ids[drop] = empty_ids
+        noise = torch.randn(latents[index].shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),),
+                                  generator=generator)
+        loss = diffusion_loss(unet, text_encoder, latents[index], ids, noise, timesteps,
+                              scheduler, config.min_snr_gamma)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        ema.step(model.parameters())
+        state["step"] = step + 1
+        recent.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if state["step"] % config.log_every == 0 or state["step"] == config.unet_steps:
+            state["history"].append((state["step"], float(np.mean(recent))))
+            _log(f"unet step {state['step']}: loss {np.mean(recent):.5f}")
+            recent = []
+        if state["step"] % config.checkpoint_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    return state
+
+
+def _stored_config(folder: Path, config: TrainConfig) -> TrainConfig:
+    """The run's config: architecture, seed and batch sizes come from an existing run in
+    ``folder`` (so a resumed run continues the same experiment); step counts, intervals,
+    threads and paths from ``config``."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return config
+    stored = json.loads(path.read_text())
+    kept = ("arch", "seed", "vae_batch_size", "unet_batch_size", "caption_dropout",
+            "kl_weight", "min_snr_gamma", "ema_decay", "vae_lr", "unet_lr", "warmup_steps")
+    return TrainConfig(**{**asdict(config), **{k: stored[k] for k in kept if k in stored}})
+
+
+def train(config: TrainConfig) -> dict:
+    """Run (or resume) both training stages; returns {"vae": state, "unet": state}.
+
+    Everything lives in ``config.checkpoint_dir``: ``config.json``, ``vae.pt``, ``unet.pt``.
+    Interrupt at any time; the same command resumes from the last checkpoint."""
+    set_threads(config.threads)
+    folder = Path(config.checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _stored_config(folder, config)
+    (folder / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    data = EmojiDataset.load(config.data_dir)
+    _log(f"data: {len(data)} images from {config.data_dir}; checkpoints in {folder}")
+    vae_state = train_vae(config, data, folder)
+    unet_state = train_unet(config, data, folder, vae_state) if config.unet_steps > 0 else None
+    return {"vae": vae_state, "unet": unet_state}
