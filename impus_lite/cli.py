@@ -19,7 +19,8 @@ DESCRIPTION = "Morph one image into another with a diffusion model (IMPUS, ICLR 
 def _add_device_flags(p) -> None:
     p.add_argument("--device", help="'cuda', 'cpu', 'mps' (default: the best available)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
-                   help="weights precision (default: fp16 on CUDA, fp32 elsewhere)")
+                   help="weights precision (default: the preset's; 'fast' takes bf16 on GPUs that "
+                        "support it, fp16 on older ones, fp32 on the CPU; 'paper' fp32)")
 
 
 def _add_morph(sub) -> None:
@@ -48,9 +49,9 @@ def _add_morph(sub) -> None:
     p.add_argument("--schedule", choices=SCHEDULES,
                    help="how alphas are chosen (default: the preset's)")
     p.add_argument("--size", type=int, help="image side in pixels (default: the model's resolution)")
-    p.add_argument("--resize", choices=("crop", "resize"), default="crop",
-                   help="'crop' keeps the aspect ratio and cuts the centre square (default); "
-                        "'resize' stretches")
+    p.add_argument("--resize", choices=("crop", "resize"),
+                   help="'crop' keeps the aspect ratio and cuts the centre square ('fast'); "
+                        "'resize' stretches ('paper', as the reference code)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_device_flags(p)
     p.add_argument("--fps", type=float, default=8.0, help="frames per second of the GIF/MP4")
@@ -69,7 +70,11 @@ def _run_morph(args) -> int:
     for path in (args.image_a, args.image_b):  # fail on bad files before a model loads
         open_rgb(path)
     check_prompt_not_empty(args.prompt)
-    changes = {"seed": args.seed, "resize_mode": args.resize}
+    changes = {"seed": args.seed}
+    if args.resize:
+        changes["resize_mode"] = args.resize
+    if args.dtype:
+        changes["precision"] = args.dtype
     if args.frames is not None:
         changes["frames"] = args.frames
     if args.lpips_step is not None:
@@ -79,7 +84,7 @@ def _run_morph(args) -> int:
     if args.size:
         changes["size"] = args.size
     config = MorphConfig.preset(args.preset, **changes)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=config.precision)
     out = Path(args.out)
     result = morph(model, args.image_a, args.image_b, args.prompt, config,
                    cache_dir=None if args.no_cache else out / "cache")
@@ -88,6 +93,12 @@ def _run_morph(args) -> int:
     print(f"LPIPS ({result.lpips_trunk} trunk) between frames: "
           f"{', '.join(f'{d:.3f}' for d in result.distances)}")
     print(f"LoRA rank {result.lora_rank}" + (f" (rPPD {result.rppd:.3f})" if result.rppd is not None else ""))
+    e = result.end_errors
+    print(f"end frames against the inputs: LPIPS {e['lpips_a']:.3f} / {e['lpips_b']:.3f}, PSNR "
+          f"{e['psnr_a']:.1f} / {e['psnr_b']:.1f} dB (the VAE alone: LPIPS {e['vae_lpips_a']:.3f} / "
+          f"{e['vae_lpips_b']:.3f}, PSNR {e['vae_psnr_a']:.1f} / {e['vae_psnr_b']:.1f} dB)")
+    for note in result.notes:
+        print(f"note: {note}")
     print(f"{'stage':<12} {'seconds':>8} {'UNet evals':>11}  cached")
     for name, s in result.stats.items():
         print(f"{name:<12} {s.seconds:8.1f} {s.unet_evals:11d}  {'yes' if s.cached else ''}")
@@ -134,43 +145,82 @@ def _add_bench(sub) -> None:
 
     p = sub.add_parser("bench", help="UNet evaluations, seconds and peak memory per stage, per preset",
                        description="Morph one pair once per preset and print the cost of every "
-                                   "stage. --model sd15-random builds the exact Stable Diffusion "
-                                   "1.5 architecture with random weights (GPU timings without a "
-                                   "download).")
-    p.add_argument("--model", default="tiny", help="'tiny', 'classroom', 'sd15-random' or any model name")
+                                   "stage. --model sd15-random / sd21-random build the exact Stable "
+                                   "Diffusion 1.5 / 2.1 architectures with random weights (timings "
+                                   "and memory without a download). The other modes measure one "
+                                   "thing each instead of comparing presets.")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny', 'classroom', 'sd15-random', 'sd21-random' or any model name")
     p.add_argument("--pair", default=None,
-                   help="folder with two images (default: data/pairs/emoji_cat_dog)")
+                   help="folder with two images (default: data/pairs/emoji_cat_dog); with --round-trip "
+                        "a folder of pair folders (default: data/pairs)")
     p.add_argument("--prompt", default="cat face dog face", help="prompt (default 'cat face dog face')")
     p.add_argument("--presets", nargs="+", default=["paper", "fast"], choices=sorted(PRESETS))
     p.add_argument("--frames", type=int, default=16, help="frames per morph (default 16)")
     p.add_argument("--size", type=int, help="image side (default: the model's resolution)")
-    p.add_argument("--training-memory", action="store_true",
-                   help="instead of morphing, print the weights and the activations one training "
-                        "step saves for backward (works for sd15-random on a CPU)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--training-memory", action="store_true",
+                      help="print the weights and the activations one training step saves for "
+                           "backward (works for sd15-random on a CPU)")
+    mode.add_argument("--steps-smoke", action="store_true",
+                      help="run every stage with a handful of steps once per --dtypes and print "
+                           "seconds, UNet evaluations and peak memory per stage")
+    mode.add_argument("--gradient-precision", action="store_true",
+                      help="compare the text-embedding and LoRA gradients of the --dtypes half "
+                           "precisions, with and without loss scaling, against fp32")
+    mode.add_argument("--round-trip", action="store_true",
+                      help="latent error of DDIM inversion then sampling (guidance 1) on the "
+                           "leading and trailing timestep grids, for every image under --pair")
+    p.add_argument("--dtypes", nargs="+", choices=("fp32", "fp16", "bf16"),
+                   help="precisions for --steps-smoke (default fp32 fp16 bf16) and "
+                        "--gradient-precision (default fp16 bf16)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="--gradient-precision: one t and noise draw per seed (default 0)")
+    p.add_argument("--inversion-steps", type=int, default=50, help="--round-trip: inversion steps (default 50)")
+    p.add_argument("--sample-steps", type=int, default=12, help="--round-trip: sampling steps (default 12)")
     _add_device_flags(p)
     p.add_argument("--out", default=None, help="write the report as JSON here (e.g. out/bench.json)")
 
 
 def _run_bench(args) -> int:
-    from .bench import bench_presets, format_report, write_report
+    from . import bench
     from .evaluation import find_pairs
-    from .models import load_model
     from .runtime import data_path
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.training_memory:
-        from .bench import format_training_memory, training_memory
-        report = training_memory(model, args.size)
-        print(format_training_memory(report))
-        if args.out:
-            print(f"wrote {write_report(report, args.out)}")
-        return 0
-    pair = find_pairs(args.pair or data_path("pairs", "emoji_cat_dog"))[0]
-    overrides = {"size": args.size} if args.size else {}
-    report = bench_presets(model, pair.image0, pair.image1, args.prompt, args.presets, args.frames, overrides)
-    print(format_report(report))
+    if args.steps_smoke:
+        pair = find_pairs(args.pair or data_path("pairs", "emoji_cat_dog"))[0]
+        report = bench.steps_smoke(args.model, pair.image0, pair.image1, args.prompt,
+                                   args.dtypes or ("fp32", "fp16", "bf16"), args.device, args.size)
+        text = bench.format_steps_smoke(report)
+    elif args.gradient_precision:
+        report = bench.gradient_precision(args.model, args.device, args.dtypes or ("fp16", "bf16"),
+                                          args.size, seeds=args.seeds)
+        text = bench.format_gradient_precision(report)
+    else:
+        from .models import load_model
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        if args.training_memory:
+            report = bench.training_memory(model, args.size)
+            text = bench.format_training_memory(report)
+        elif args.round_trip:
+            import torch
+
+            from .images import load_image
+            pairs = find_pairs(args.pair or data_path("pairs"))
+            size = args.size or model.resolution
+            images = torch.cat([load_image(path, size) for p in pairs for path in (p.image0, p.image1)])
+            prompts = [p.prompt for p in pairs for _ in range(2)]
+            report = bench.round_trip_errors(model, images, prompts, args.inversion_steps, args.sample_steps)
+            text = bench.format_round_trip(report)
+        else:
+            pair = find_pairs(args.pair or data_path("pairs", "emoji_cat_dog"))[0]
+            overrides = {"size": args.size} if args.size else {}
+            report = bench.bench_presets(model, pair.image0, pair.image1, args.prompt, args.presets,
+                                         args.frames, overrides)
+            text = bench.format_report(report)
+    print(text)
     if args.out:
-        print(f"wrote {write_report(report, args.out)}")
+        print(f"wrote {bench.write_report(report, args.out)}")
     return 0
 
 

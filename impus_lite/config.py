@@ -13,8 +13,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import InputError
+from .images import RESAMPLERS, RESIZE_MODES
 
 SCHEDULES = ("perceptual", "reschedule", "uniform", "beta")
+PRECISIONS = ("fp32", "fp16", "bf16")
+TIMESTEP_SPACINGS = ("leading", "trailing")
+RPPD_PROBES = ("reference", "equation")
+LORA_INITS = ("gaussian", "kaiming")
 
 
 @dataclass(frozen=True)
@@ -23,12 +28,38 @@ class MorphConfig:
 
     Attributes:
         size: image side in pixels; None = the model's resolution (512 for SD 1.x).
-        resize_mode: "crop" (keep aspect, cut the centre square) or "resize" (stretch).
+        resize_mode: "crop" (keep aspect, cut the centre square) or "resize" (stretch, as the
+            reference code does).
+        resample: "bilinear" (the reference's torchvision Resize) or "lanczos".
+        precision: weights precision the model should be loaded in ("fp32", "fp16", "bf16");
+            None = the device's default (bf16 on GPUs that support it, else fp16, fp32 on the
+            CPU). The CLI, ``evaluate`` and ``bench`` load the model so; :class:`Morpher` notes a
+            model loaded otherwise. Training keeps its trainable tensors in fp32 either way.
+        timestep_spacing: where the DDIM grids of inversion and sampling lie (diffusers'
+            ``timestep_spacing``). "leading" is the reference's: 250-step inversion ends at
+            t = 997 but 16-step sampling starts at t = 931, so sampling treats the code as less
+            noisy than it is. "trailing" puts the last inversion step and the first sampling
+            step both at t = 999, whatever the step counts: the grids meet.
         text_steps, text_lr: per-image text-embedding optimisation (Adam); 0 steps skips it.
         inversion_steps: DDIM inversion steps, before and after LoRA.
         lora_rank: conditional LoRA rank; None = from rPPD (IMPUS's rule); 0 = no LoRA.
         rppd_frames: uniform frames of the un-adapted model that measure rPPD. The rank rule
             is calibrated on IMPUS's 10: with fewer frames each step is longer and rPPD larger.
+        rppd_probe: which rPPD the rank rule reads (see :func:`impus_lite.perceptual.rppd_probe_alphas`).
+            "equation" is the paper's: K uniform frames from alpha 0 to 1 rendered with the
+            schedule's guidance, ``sum of K-1 gaps / ((K-1) LPIPS(end0, end1))``. "reference"
+            is what the reference code (run_morph.py) computes: image 0's reconstruction at the
+            minimum guidance, then K frames at alpha = 1 - k/K (k = 1..K, the first near image 1,
+            the last image 0 itself) all at the maximum guidance, K gaps starting from image 0,
+            divided by (K-1) times the distance from image 0 at minimum guidance to image 1 at
+            maximum guidance. It is larger (about 0.1 on SD) and so raises the rank about fourfold.
+        lora_init: how the adapters' A matrices start (B starts at 0 either way). "gaussian"
+            draws A from N(0, (1/r)^2) like the reference's diffusers LoRA layers; "kaiming" is
+            peft's default Kaiming-uniform, 4-60x smaller at ranks 1-64, so the same steps move
+            the model less.
+        max_lora_rank: upper bound on the conditional rank; None = the narrowest adapted layer's
+            width (a larger rank adds nothing). The reference has none: an rPPD of 3 asks for
+            rank 2^48. The result's notes say when the bound applied.
         lora_steps, lora_lr: conditional LoRA training (AdamW; both images each step).
         uncond_lora_rank, uncond_lora_steps, uncond_lora_lr: the separate unconditional
             adapter; rank 0 = none (the unconditional branch then uses the conditional adapter).
@@ -51,12 +82,18 @@ class MorphConfig:
     """
 
     size: Optional[int] = None
-    resize_mode: str = "crop"
+    resize_mode: str = "resize"
+    resample: str = "bilinear"
+    precision: Optional[str] = "fp32"
+    timestep_spacing: str = "leading"
     text_steps: int = 2500
     text_lr: float = 2e-3
     inversion_steps: int = 250
     lora_rank: Optional[int] = None
     rppd_frames: int = 10
+    rppd_probe: str = "reference"
+    lora_init: str = "gaussian"
+    max_lora_rank: Optional[int] = None
     lora_steps: int = 150
     lora_lr: float = 1e-3
     uncond_lora_rank: int = 2
@@ -81,6 +118,15 @@ class MorphConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise InputError(f"Unknown schedule '{self.schedule}': use one of {', '.join(SCHEDULES)}.")
+        for name, allowed in (("resize_mode", RESIZE_MODES), ("resample", RESAMPLERS),
+                              ("timestep_spacing", TIMESTEP_SPACINGS), ("rppd_probe", RPPD_PROBES),
+                              ("lora_init", LORA_INITS)):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"Unknown {name} '{getattr(self, name)}': use one of {', '.join(allowed)}.")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise InputError(f"Unknown precision '{self.precision}': use one of {', '.join(PRECISIONS)} or None.")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise InputError(f"max_lora_rank must be >= 1 or None, got {self.max_lora_rank}.")
         if self.frames is not None and self.frames < 2:
             raise InputError(f"A morph needs at least 2 frames, got {self.frames}.")
         if self.frames is None and self.schedule in ("uniform", "beta"):
@@ -121,7 +167,10 @@ class MorphConfig:
 
 
 PRESETS = {
-    # The IMPUS reference defaults (SPEC.md).
+    # The IMPUS reference code (GoL2022/IMPUS run_morph.py) wherever a choice changes the result:
+    # stretch to the model's size (bilinear), fp32, leading DDIM grids (inversion ends at t=997,
+    # sampling starts at t=931), the code's rPPD probe, Gaussian LoRA initialisation. What it
+    # cannot reproduce (random draws, the unbounded rank) is listed in the README.
     "paper": MorphConfig(),
     # Fewer, better-used UNet evaluations: 50-step inversion (reported as about as good as
     # 250), a shorter text optimisation at a higher rate, 12 DDIM steps per frame, and alphas
@@ -129,6 +178,11 @@ PRESETS = {
     # with the fitted distance exponent) instead of a frame-by-frame binary search. The rPPD
     # probe keeps 10 frames: the rank rule is calibrated on 10. Measured in the README's
     # "Cost and speed".
-    "fast": MorphConfig(text_steps=150, text_lr=7e-3, inversion_steps=50, lora_steps=100,
-                        sample_steps=12, schedule="reschedule", reschedule_passes=6),
+    # It also keeps the aspect ratio (centre crop, Lanczos), runs in the device's half precision
+    # on a GPU, puts inversion and sampling on trailing grids that meet at t=999, and reads the
+    # paper's rPPD equation.
+    "fast": MorphConfig(resize_mode="crop", resample="lanczos", precision=None,
+                        timestep_spacing="trailing", rppd_probe="equation", text_steps=150,
+                        text_lr=7e-3, inversion_steps=50, lora_steps=100, sample_steps=12,
+                        schedule="reschedule", reschedule_passes=6),
 }

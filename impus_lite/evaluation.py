@@ -41,6 +41,17 @@ ABLATIONS: dict[str, dict] = {
     "beta": {"schedule": "beta"},
 }
 METRICS = ("ppl_path_sum", "pdv", "smoothness")
+#: End error of the morph and the VAE's floor, each the mean over the two ends (see
+#: :func:`impus_lite.perceptual.end_errors`).
+END_METRICS = ("end_lpips", "vae_lpips", "end_psnr", "vae_psnr")
+
+
+def end_metrics(errors: dict) -> dict:
+    """The :data:`END_METRICS` of a result's ``end_errors``: means over ends A and B."""
+    def mean(key):
+        return (errors[f"{key}_a"] + errors[f"{key}_b"]) / 2
+    return {"end_lpips": mean("lpips"), "vae_lpips": mean("vae_lpips"),
+            "end_psnr": mean("psnr"), "vae_psnr": mean("vae_psnr")}
 
 
 @dataclass
@@ -98,6 +109,7 @@ def evaluate_pair(model, pair: Pair, base: MorphConfig, ablations: Sequence[str]
         d = result.distances
         row = {"pair": pair.name, "ablation": name, "frames": len(result.frames),
                "ppl_path_sum": ppl_path_sum(d), "pdv": pdv(d), "smoothness": smoothness(d),
+               **end_metrics(result.end_errors),
                "unet_evals": result.unet_evals, "seconds": round(result.seconds, 3),
                "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk}
         rows.append(row)
@@ -114,7 +126,7 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
         if not group:
             continue
         row = {"ablation": name, "pairs": len(group)}
-        for key in (*METRICS, "frames", "unet_evals", "seconds"):
+        for key in (*METRICS, *END_METRICS, "frames", "unet_evals", "seconds"):
             row[key] = float(np.mean([r[key] for r in group]))
         out.append(row)
     return out
@@ -182,7 +194,7 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
     out = Path(out_dir)
     pairs = find_pairs(pairs_root)
     mine = pairs[state.process_index::state.num_processes]
-    model = load_model(model_name, device=device or str(state.device), dtype=dtype)
+    model = load_model(model_name, device=device or str(state.device), dtype=dtype or base.precision)
     lpips = load_lpips(device=model.device)
     rows = []
     for pair in mine:
@@ -203,7 +215,7 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
     summary = summarise(merged)
     write_csv(merged, out / "results.csv")
     write_csv(summary, out / "summary.csv")
-    columns = ("ablation", "pairs", "frames", *METRICS, "unet_evals", "seconds")
+    columns = ("ablation", "pairs", "frames", *METRICS, *END_METRICS, "unet_evals", "seconds")
     trunk = merged[0]["lpips_trunk"] if merged else "?"
     (out / "summary.md").write_text(
         f"Model `{model_name}`, LPIPS AlexNet ({trunk} trunk), images in [-1, 1]; "

@@ -18,6 +18,7 @@ from .errors import InputError
 
 ImageLike = Union[str, Path, Image.Image]
 RESIZE_MODES = ("crop", "resize")
+RESAMPLERS = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
 
 
 def open_rgb(source: ImageLike) -> Image.Image:
@@ -52,19 +53,23 @@ def open_rgb(source: ImageLike) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_square(image: Image.Image, size: int, mode: str = "crop") -> Image.Image:
+def fit_square(image: Image.Image, size: int, mode: str = "crop", resample: str = "lanczos") -> Image.Image:
     """Bring an RGB image to ``size`` x ``size``.
 
     ``mode="crop"`` keeps the aspect ratio and cuts the centre square; ``mode="resize"`` stretches
-    the whole image. Resampling is Lanczos.
+    the whole image (the IMPUS reference code: torchvision ``Resize((512, 512))``, which on a PIL
+    image is Pillow's antialiased bilinear resize, i.e. ``resample="bilinear"``). ``resample`` is
+    "lanczos" or "bilinear".
     """
     if mode not in RESIZE_MODES:
         raise InputError(f"Unknown resize mode '{mode}': use one of {', '.join(RESIZE_MODES)}.")
+    if resample not in RESAMPLERS:
+        raise InputError(f"Unknown resampling '{resample}': use one of {', '.join(RESAMPLERS)}.")
     if size < 8:
         raise InputError(f"Image size must be at least 8 pixels, got {size}.")
     if mode == "crop":
-        return ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
-    return image.resize((size, size), Image.Resampling.LANCZOS)
+        return ImageOps.fit(image, (size, size), method=RESAMPLERS[resample])
+    return image.resize((size, size), RESAMPLERS[resample])
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -79,9 +84,10 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
 
 
-def load_image(source: ImageLike, size: int, mode: str = "crop") -> torch.Tensor:
-    """Read ``source`` and return a (1, 3, size, size) tensor in [-1, 1] (see :func:`open_rgb`)."""
-    return pil_to_tensor(fit_square(open_rgb(source), size, mode))
+def load_image(source: ImageLike, size: int, mode: str = "crop", resample: str = "lanczos") -> torch.Tensor:
+    """Read ``source`` and return a (1, 3, size, size) tensor in [-1, 1] (see :func:`open_rgb`
+    and :func:`fit_square`)."""
+    return pil_to_tensor(fit_square(open_rgb(source), size, mode, resample))
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

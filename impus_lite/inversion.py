@@ -9,6 +9,12 @@ with the diffusers schedulers ``DDIMInverseScheduler`` (data -> noise) and ``DDI
 where ``eps_c`` is the noise prediction with the image's text embedding (and the conditional
 LoRA adapter) and ``eps_u`` with the empty prompt (and the unconditional adapter). Latents are
 (B, 4, h, w) in the VAE's scaled units; codes from inversion have variance close to 1.
+
+Both grids follow ``timestep_spacing``. With diffusers' "leading" spacing (the reference code's)
+the grids do not meet: 250-step inversion ends at t = 997 and 16-step sampling starts at
+t = 931 (50 and 12 steps: 981 and 914), so sampling reads the code as less noisy than it is.
+With "trailing" spacing the last inversion step and the first sampling step are both t = 999
+for any step counts (:func:`grid_ends` says where each grid ends).
 """
 
 from __future__ import annotations
@@ -33,20 +39,32 @@ def _expand(embeddings: torch.Tensor, batch: int) -> torch.Tensor:
     return embeddings.expand(batch, -1, -1) if embeddings.shape[0] == 1 else embeddings
 
 
+def grid_ends(model: DiffusionModel, inversion_steps: int, sample_steps: int,
+              timestep_spacing: Optional[str] = None) -> tuple[int, int]:
+    """(last timestep of inversion, first timestep of sampling) on the given grids; equal when
+    the grids meet."""
+    inverse = model.ddim_inverse_scheduler(timestep_spacing)
+    inverse.set_timesteps(inversion_steps)
+    forward = model.ddim_scheduler(timestep_spacing)
+    forward.set_timesteps(sample_steps)
+    return int(inverse.timesteps[-1]), int(forward.timesteps[0])
+
+
 @torch.no_grad()
 def ddim_invert(model: DiffusionModel, latents: torch.Tensor, embeddings: torch.Tensor, steps: int,
                 adapter: Optional[str] = None, progress: bool = True,
-                desc: str = "DDIM inversion") -> torch.Tensor:
+                desc: str = "DDIM inversion", timestep_spacing: Optional[str] = None) -> torch.Tensor:
     """Run the DDIM ODE from data to noise: latents (B, 4, h, w) -> codes (B, 4, h, w).
 
     Args:
         embeddings: (B or 1, L, D) text embeddings, one per latent (guidance 1).
         steps: number of inversion steps (IMPUS: 250; 50 is about as good).
         adapter: LoRA adapter to run the UNet with (None: the base model).
+        timestep_spacing: "leading" or "trailing" (None: the model's scheduler config).
     Returns:
         float32 codes on the model's device.
     """
-    scheduler = model.ddim_inverse_scheduler()
+    scheduler = model.ddim_inverse_scheduler(timestep_spacing)
     scheduler.set_timesteps(steps, device=model.device)
     z = latents.detach().float().to(model.device)
     embeddings = _expand(embeddings, z.shape[0])
@@ -85,17 +103,18 @@ def guidance_noise(model: DiffusionModel, z: torch.Tensor, t: torch.Tensor, cond
 def ddim_sample(model: DiffusionModel, codes: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                 guidance: Union[float, torch.Tensor], steps: int, cond_adapter: Optional[str] = None,
                 uncond_adapter: Optional[str] = None, progress: bool = True,
-                desc: str = "DDIM sampling") -> torch.Tensor:
+                desc: str = "DDIM sampling", timestep_spacing: Optional[str] = None) -> torch.Tensor:
     """Run the DDIM ODE from noise to data with guidance: codes (B, 4, h, w) -> latents.
 
     Args:
         cond: (B or 1, L, D) conditional embeddings; uncond: (1 or B, L, D).
         guidance: a float or (B,) guidance scales w.
         steps: number of DDIM steps (IMPUS renders frames with 16).
+        timestep_spacing: "leading" or "trailing" (None: the model's scheduler config).
     Returns:
         float32 latents on the model's device (decode with ``model.decode``).
     """
-    scheduler = model.ddim_scheduler()
+    scheduler = model.ddim_scheduler(timestep_spacing)
     scheduler.set_timesteps(steps, device=model.device)
     z = codes.detach().float().to(model.device)
     batch = z.shape[0]
@@ -105,3 +124,18 @@ def ddim_sample(model: DiffusionModel, codes: torch.Tensor, cond: torch.Tensor, 
         eps = guidance_noise(model, z, t, cond, uncond, w, cond_adapter, uncond_adapter)
         z = scheduler.step(eps, t, z).prev_sample.float()
     return z
+
+
+def round_trip(model: DiffusionModel, latents: torch.Tensor, embeddings: torch.Tensor,
+               inversion_steps: int, sample_steps: int,
+               timestep_spacing: Optional[str] = None) -> torch.Tensor:
+    """Invert ``latents`` (B, 4, h, w) and sample them back at guidance 1 with the same
+    embeddings (B or 1, L, D): float32 latents (B, 4, h, w).
+
+    ``mean((round_trip(z) - z)^2)`` is the latent round-trip error: how far inversion and
+    sampling on the given grids are from being inverse maps of each other.
+    """
+    codes = ddim_invert(model, latents, embeddings, inversion_steps, progress=False,
+                        timestep_spacing=timestep_spacing)
+    return ddim_sample(model, codes, embeddings, embeddings[:1], 1.0, sample_steps, progress=False,
+                       timestep_spacing=timestep_spacing)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .models import DiffusionModel
+from .precision import loss_scaler
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 COND_ADAPTER = "cond"
@@ -34,7 +35,9 @@ UNCOND_ADAPTER = "uncond"
 def rank_from_rppd(rppd: float, outlier: bool = False) -> int:
     """IMPUS's rank rule: ``r = 2 ** max(0, floor(18 rPPD - 6))``, at least 16 for outlier pairs.
 
-    rPPD <= 7/18 gives rank 1; each further 1/18 doubles it.
+    rPPD <= 7/18 gives rank 1; each further 1/18 doubles it. The 18 and 6 are empirical (fitted
+    by the IMPUS authors on SD 1.4), and the rule has no upper bound: bound it with
+    :func:`max_adapter_rank`.
     """
     if not math.isfinite(rppd) or rppd < 0:
         raise InputError(f"rPPD must be a non-negative number, got {rppd}.")
@@ -42,25 +45,44 @@ def rank_from_rppd(rppd: float, outlier: bool = False) -> int:
     return max(rank, 16) if outlier else rank
 
 
-def is_outlier_code(codes: torch.Tensor) -> bool:
-    """IMPUS's sanity check on an inverted code: its variance differs from 1 by more than 0.1
-    and is below 0.9 (the inversion did not reach unit-variance noise)."""
-    var = float(codes.float().var())
-    return abs(var - 1.0) > 0.1 and var < 0.9
+def is_outlier_pair(code0: torch.Tensor, code1: torch.Tensor) -> bool:
+    """IMPUS's outlier rule on the two inverted codes (reference code, run_morph.py):
+    ``|var(z0) - var(z1)| > 0.1 and min(var(z0), var(z1)) < 0.9``. One code's inversion fell
+    short of unit-variance noise while the other's did not; the rank is then at least 16."""
+    var0, var1 = float(code0.float().var()), float(code1.float().var())
+    return abs(var0 - var1) > 0.1 and min(var0, var1) < 0.9
 
 
-def add_lora(model: DiffusionModel, name: str, rank: int, seed: int = 0) -> None:
+def max_adapter_rank(model: DiffusionModel) -> int:
+    """The narrowest adapted layer's width: min over the UNet's attention projections
+    (``LORA_TARGETS``) of min(in_features, out_features). A LoRA of higher rank can express
+    nothing more in that layer (320 for SD 1.x; 16 for the tiny model)."""
+    widths = [min(m.in_features, m.out_features) for n, m in model.unet.named_modules()
+              if n.endswith(LORA_TARGETS) and hasattr(m, "in_features")]
+    if not widths:
+        raise InputError("The UNet has no attention projections to adapt.")
+    return min(widths)
+
+
+def add_lora(model: DiffusionModel, name: str, rank: int, seed: int = 0, init: str = "gaussian") -> None:
     """Attach a new LoRA adapter ``name`` of rank ``rank`` (scale lora_alpha / r = 1) to the UNet.
 
-    The adapter starts as the identity (peft initialises B = 0 and A at random, here from
-    ``seed``). Its weights are float32 so that training is stable when the UNet runs in fp16.
+    The adapter starts as the identity: B = 0, and A drawn from ``seed``, either
+    ``init="gaussian"``: A ~ N(0, (1/r)^2), as the IMPUS reference code's diffusers
+    LoRALinearLayer (peft's ``init_lora_weights="gaussian"``), or ``init="kaiming"``: peft's
+    default Kaiming-uniform, A ~ U(-b, b) with b = 1/sqrt(in_features) (4-60x smaller than
+    1/r at the ranks IMPUS uses). The adapter's weights are float32 so that training is stable
+    when the UNet runs in half precision (see :mod:`impus_lite.precision`).
     """
     from peft import LoraConfig
 
     if rank < 1:
         raise InputError(f"LoRA rank must be >= 1, got {rank}.")
+    if init not in ("gaussian", "kaiming"):
+        raise InputError(f"Unknown LoRA initialisation '{init}': use gaussian or kaiming.")
     model.remove_adapter(name)
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=list(LORA_TARGETS))
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian" if init == "gaussian" else True,
+                        target_modules=list(LORA_TARGETS))
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.filterwarnings("ignore", message=".*peft_config.*")  # on every adapter after the first
         torch.manual_seed(seed)
@@ -85,6 +107,7 @@ def train_lora(model: DiffusionModel, name: str, latents: Sequence[torch.Tensor]
     losses ``sum_i || eps - eps_theta+BA(z_i,t, t, e_i) ||^2``. Only the adapter's A and B
     matrices change. Each image's loss is back-propagated on its own (the gradients add up to
     those of the sum), so the peak memory holds one image's activations, not all of them.
+    Through an fp16 UNet the losses are scaled (:func:`impus_lite.precision.loss_scaler`).
 
     Args:
         latents: one (1, 4, h, w) latent per image; embeddings: one (1, L, D) per image.
@@ -101,6 +124,7 @@ def train_lora(model: DiffusionModel, name: str, latents: Sequence[torch.Tensor]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr)
+    scaler = loss_scaler(model)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     model.unet.train()
@@ -111,9 +135,10 @@ def train_lora(model: DiffusionModel, name: str, latents: Sequence[torch.Tensor]
                 total = 0.0
                 for z, e in zip(latents, embeddings):   # one image's graph in memory at a time;
                     loss = model.diffusion_loss(z, e, generator)
-                    loss.backward()                       # gradients of the sum accumulate
+                    scaler.scale(loss).backward()         # gradients of the sum accumulate
                     total += float(loss.detach())
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 losses.append(total)
     finally:
         model.unet.eval()
@@ -131,7 +156,8 @@ def adapter_state(model: DiffusionModel, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model: DiffusionModel, name: str, rank: int, state: dict[str, torch.Tensor]) -> None:
-    """Attach adapter ``name`` of rank ``rank`` and fill it with ``state`` (from :func:`adapter_state`)."""
+    """Attach adapter ``name`` of rank ``rank`` and fill it with ``state`` (from :func:`adapter_state`);
+    the initial draw is overwritten, so its kind does not matter."""
     from peft.utils import set_peft_model_state_dict
 
     add_lora(model, name, rank)

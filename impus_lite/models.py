@@ -6,9 +6,10 @@ Three kinds of name are understood by :func:`load_model`:
   once into the Hugging Face cache;
 * a local folder written by ``StableDiffusionPipeline.save_pretrained``;
 * ``"tiny"``: a random model of the SD layout built in code (for tests and smoke runs),
-  ``"classroom"``: the small emoji model shipped in ``data/classroom``, and ``"sd15-random"``:
-  the exact Stable Diffusion 1.5 architecture with random weights (benchmarks without a
-  download; about 4 GB written to the cache on first use).
+  ``"classroom"``: the small emoji model shipped in ``data/classroom``, and ``"sd15-random"`` /
+  ``"sd21-random"``: the exact Stable Diffusion 1.5 (512 px) / 2.1 (768 px, v-prediction,
+  1024-wide text encoder) architectures with random weights (benchmarks without a download;
+  about 4 / 5 GB written to the cache on first use).
 
 Every one of them goes through ``StableDiffusionPipeline.from_pretrained``: tests exercise the
 same loading code users run. Latents follow the SD convention ``z = vae.encode(x).mean *
@@ -31,7 +32,9 @@ import torch
 from .errors import ModelLoadError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUILTIN_MODELS = ("tiny", "classroom", "sd15-random")
+BUILTIN_MODELS = ("tiny", "classroom", "sd15-random", "sd21-random")
+#: Built-in random models of real architectures: name -> ``architectures/<file>.json``.
+RANDOM_ARCHITECTURES = {"sd15-random": "sd15", "sd21-random": "sd21"}
 ARCHITECTURES_DIR = Path(__file__).resolve().parent / "architectures"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLASSROOM_DIR = REPO_ROOT / "data" / "classroom"
@@ -67,14 +70,28 @@ def pick_device(device: Union[str, torch.device, None] = None) -> torch.device:
     return torch.device("cpu")
 
 
+DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
 def pick_dtype(device: torch.device, dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
-    """fp16 on CUDA (half the memory, Tensor Cores), fp32 elsewhere, unless ``dtype`` is given."""
+    """The weights precision: ``dtype`` when given, else the device's half precision.
+
+    On CUDA: bf16 where the GPU computes it natively (compute capability 8 and up: A100, H100,
+    L4, RTX 30xx and later), fp16 on older GPUs (T4, V100), whose bf16 is emulated. fp32 on the
+    CPU and elsewhere. Training keeps its trainable tensors in fp32 whatever this returns
+    (see :mod:`impus_lite.precision`).
+    """
     if isinstance(dtype, str):
-        dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"Unknown dtype '{dtype}': use fp32, fp16 or bf16.")
+        dtype = DTYPES[dtype]
     if dtype is not None:
         return dtype
-    return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    return torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +205,7 @@ def build_architecture_pipeline(name: str = "sd15", seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     spec = json.loads((ARCHITECTURES_DIR / f"{name}.json").read_text())
+    scheduler = DDIMScheduler(**{**SD_SCHEDULER_CONFIG, **spec.get("scheduler", {})})
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(tmp)
@@ -195,7 +213,7 @@ def build_architecture_pipeline(name: str = "sd15", seed: int = 0):
     return StableDiffusionPipeline(
         vae=AutoencoderKL(**spec["vae"]), unet=UNet2DConditionModel(**spec["unet"]),
         text_encoder=CLIPTextModel(CLIPTextConfig(**spec["text_encoder"])), tokenizer=tokenizer,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
 
 
@@ -292,15 +310,23 @@ class DiffusionModel:
         return self._fingerprint
 
     # ---- schedules and the training loss ------------------------------------------------
-    def ddim_scheduler(self):
-        """A fresh ``diffusers.DDIMScheduler`` (eta = 0) on the model's training noise schedule."""
-        from diffusers import DDIMScheduler
-        return DDIMScheduler.from_config(self.scheduler_config)
+    def ddim_scheduler(self, timestep_spacing: Optional[str] = None):
+        """A fresh ``diffusers.DDIMScheduler`` (eta = 0) on the model's training noise schedule.
 
-    def ddim_inverse_scheduler(self):
-        """A fresh ``diffusers.DDIMInverseScheduler`` on the model's training noise schedule."""
+        ``timestep_spacing`` ("leading" or "trailing") overrides the stored config's grid."""
+        from diffusers import DDIMScheduler
+        return DDIMScheduler.from_config(self._scheduler_config(timestep_spacing))
+
+    def ddim_inverse_scheduler(self, timestep_spacing: Optional[str] = None):
+        """A fresh ``diffusers.DDIMInverseScheduler`` on the model's training noise schedule
+        (``timestep_spacing`` as for :meth:`ddim_scheduler`)."""
         from diffusers import DDIMInverseScheduler
-        return DDIMInverseScheduler.from_config(self.scheduler_config)
+        return DDIMInverseScheduler.from_config(self._scheduler_config(timestep_spacing))
+
+    def _scheduler_config(self, timestep_spacing: Optional[str]) -> dict:
+        if timestep_spacing is None:
+            return self.scheduler_config
+        return {**self.scheduler_config, "timestep_spacing": timestep_spacing}
 
     def diffusion_loss(self, latents: torch.Tensor, embeddings: torch.Tensor,
                        generator: torch.Generator) -> torch.Tensor:
@@ -343,6 +369,12 @@ class DiffusionModel:
         """Latents (B, 4, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (float32, clamped)."""
         latents = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
         return self.vae.decode(latents).sample.float().clamp(-1, 1)
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Cast the UNet, VAE and text encoder weights to ``dtype`` (in place)."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(dtype)
+        self.dtype = dtype
 
     # ---- adapters -----------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -392,8 +424,9 @@ def _resolve(name: str) -> tuple[str, bool]:
     """Map a model name to (path or hub id, is_local)."""
     if name == "tiny":
         return str(tiny_model_dir()), True
-    if name == "sd15-random":
-        return str(_built_model_dir("sd15-random", build_architecture_pipeline)), True
+    if name in RANDOM_ARCHITECTURES:
+        arch = RANDOM_ARCHITECTURES[name]
+        return str(_built_model_dir(name, lambda: build_architecture_pipeline(arch))), True
     if name == "classroom":
         if not (CLASSROOM_DIR / "model_index.json").is_file():
             raise ModelLoadError(

@@ -28,10 +28,11 @@ from .config import MorphConfig
 from .images import ImageLike, load_image, tensor_digest, tensor_to_pil
 from .interp import lerp, slerp
 from .inversion import ddim_invert, ddim_sample
-from .lora import (COND_ADAPTER, UNCOND_ADAPTER, adapter_state, add_lora, is_outlier_code,
-                   load_adapter_state, rank_from_rppd, train_lora)
-from .models import DiffusionModel
-from .perceptual import Lpips, load_lpips, rppd as rppd_of
+from .lora import (COND_ADAPTER, UNCOND_ADAPTER, adapter_state, add_lora, is_outlier_pair,
+                   load_adapter_state, max_adapter_rank, rank_from_rppd, train_lora)
+from .models import DiffusionModel, pick_dtype
+from .runtime import peak_memory_mb, reset_peak_memory
+from .perceptual import Lpips, end_errors, load_lpips, rppd_probe
 from .schedules import (FrameCache, Schedule, beta_alphas, fixed_schedule, perceptual_search,
                         rescheduled_search, search_frame_count, uniform_alphas)
 from .text import check_prompt, encode_prompt, optimize_embedding, unconditional_embedding
@@ -42,12 +43,14 @@ STAGES = ("encode", "text", "inversion", "rppd", "lora", "reinversion", "frames"
 @dataclass
 class StageStats:
     """Cost of one stage: wall-clock seconds, UNet evaluations (latents through the UNet,
-    counting each branch of guidance), UNet calls (batches), and whether its output came from
-    the cache."""
+    counting each branch of guidance), UNet calls (batches), peak memory in MB (the CUDA
+    allocator's peak during the stage on a GPU; the process's peak so far on a CPU, see
+    :func:`impus_lite.runtime.peak_memory_mb`), and whether its output came from the cache."""
 
     seconds: float = 0.0
     unet_evals: int = 0
     unet_calls: int = 0
+    peak_memory_mb: float = 0.0
     cached: bool = False
 
 
@@ -60,6 +63,9 @@ class MorphResult:
         alphas: K increasing floats from 0 to 1.
         distances: K-1 consecutive LPIPS distances (trunk in ``lpips_trunk``).
         lora_rank, rppd, outlier: the bottleneck chosen (rppd None when the rank was given).
+        end_errors: frame 0 against input A and the last frame against input B (LPIPS and PSNR
+            in dB, inputs as the model sees them), next to the VAE's own reconstruction of the
+            inputs (``vae_*``), the floor no morph can beat (see :func:`perceptual.end_errors`).
         stats: per stage, seconds and UNet evaluations.
     """
 
@@ -75,6 +81,7 @@ class MorphResult:
     rppd: Optional[float]
     outlier: bool
     step: Optional[float]
+    end_errors: dict[str, float] = field(default_factory=dict)
     stats: dict[str, StageStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -95,7 +102,7 @@ class MorphResult:
             "config": self.config.to_dict(), "alphas": self.alphas, "distances": self.distances,
             "lpips": f"alex, trunk={self.lpips_trunk}, inputs in [-1, 1]",
             "lpips_step": self.step, "lora_rank": self.lora_rank, "rppd": self.rppd,
-            "outlier_pair": self.outlier,
+            "outlier_pair": self.outlier, "end_errors": self.end_errors,
             "metrics": {"ppl_path_sum": ppl_path_sum(self.distances), "pdv": pdv(self.distances),
                         "smoothness": smoothness(self.distances)},
             "unet_evals": self.unet_evals, "seconds": round(self.seconds, 3),
@@ -145,6 +152,9 @@ class Morpher:
         config: a :class:`MorphConfig` (default: the "fast" preset).
         cache_dir: folder for stage outputs (None: no cache).
         lpips: the distance for rPPD and the alpha search (default: :func:`load_lpips`).
+
+    When ``config.precision`` names a precision other than the model's, the model's weights are
+    cast to it (and stay so); the result's notes say so.
     """
 
     def __init__(self, model: DiffusionModel, image0: ImageLike, image1: ImageLike, prompt: str,
@@ -159,30 +169,38 @@ class Morpher:
         if size % factor:
             from .errors import InputError
             raise InputError(f"Image size {size} is not a multiple of the VAE factor {factor}.")
-        self.images = torch.cat([load_image(image0, size, self.config.resize_mode),
-                                 load_image(image1, size, self.config.resize_mode)])
+        c = self.config
+        self.images = torch.cat([load_image(image, size, c.resize_mode, c.resample) for image in (image0, image1)])
         self.cache = StageCache(cache_dir)
         self.lpips = lpips or load_lpips(device=model.device)
         self.progress = progress
         self.stats: dict[str, StageStats] = {}
+        self.notes: list[str] = []
         self._values: dict[str, object] = {}
         self._adapter_states: dict[str, tuple[int, dict]] = {}
         model.remove_adapters()
+        if c.precision is not None and pick_dtype(model.device, c.precision) != model.dtype:
+            before = str(model.dtype).replace("torch.", "")
+            model.cast(pick_dtype(model.device, c.precision))
+            self.notes.append(f"weights cast from {before} to {c.precision} (config.precision)")
         digests = [tensor_digest(self.images[i]) for i in range(2)]
-        self._base = dict(model=model.fingerprint, prompt=prompt)
+        self._base = dict(model=model.fingerprint, dtype=str(model.dtype), prompt=prompt)
         self._digests = digests
 
     # ---- bookkeeping -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _stage(self, name: str):
         stats = self.stats.setdefault(name, StageStats())
+        device = self.model.device
+        reset_peak_memory(device)
         evals, calls, start = self.model.unet_evals, self.model.unet_calls, time.perf_counter()
         try:
             yield stats
         finally:
-            if self.model.device.type == "cuda":
-                torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             stats.seconds += time.perf_counter() - start
+            stats.peak_memory_mb = max(stats.peak_memory_mb, round(peak_memory_mb(device), 1))
             stats.unet_evals += self.model.unet_evals - evals
             stats.unet_calls += self.model.unet_calls - calls
 
@@ -195,14 +213,15 @@ class Morpher:
         c = self.config
         text = [stage_key("text", image=d, steps=c.text_steps, lr=c.text_lr, seed=c.seed, **self._base)
                 for d in self._digests]
-        inversion = [stage_key("inversion", text=t, steps=c.inversion_steps) for t in text]
+        inversion = [stage_key("inversion", text=t, steps=c.inversion_steps, spacing=c.timestep_spacing)
+                     for t in text]
         return {"text": text, "inversion": inversion}
 
     def _lora_key(self) -> str:
         """Key of the conditional adapter: both images' text keys, the rank and its training."""
         c = self.config
         return stage_key("lora", text=self._keys()["text"], rank=self.rank(), steps=c.lora_steps,
-                         lr=c.lora_lr, seed=c.seed)
+                         lr=c.lora_lr, seed=c.seed, init=c.lora_init)
 
     # ---- stage 1 ---------------------------------------------------------------------------
     def latents(self) -> torch.Tensor:
@@ -211,6 +230,15 @@ class Morpher:
             with self._stage("encode"):
                 return self.model.encode(self.images)
         return self._once("latents", compute)
+
+    def reconstructions(self) -> torch.Tensor:
+        """The two inputs through the VAE, (2, 3, S, S) in [-1, 1] on the CPU: what the model
+        can see of them, the floor of any morph's end error."""
+        def compute():
+            latents = self.latents()
+            with self._stage("encode"):
+                return self.model.decode(latents).cpu()
+        return self._once("reconstructions", compute)
 
     # ---- stage 2 ---------------------------------------------------------------------------
     def prompt_embedding(self) -> torch.Tensor:
@@ -254,7 +282,8 @@ class Morpher:
                 if cached is None:
                     code = ddim_invert(self.model, latents[i:i + 1], embeddings[i:i + 1],
                                        self.config.inversion_steps, adapter=adapter,
-                                       progress=self.progress, desc=f"{stage} {i}")
+                                       progress=self.progress, desc=f"{stage} {i}",
+                                       timestep_spacing=self.config.timestep_spacing)
                     cached = {"code": code.cpu()}
                     self.cache.save(stage, keys[i], cached)
                 else:
@@ -268,31 +297,43 @@ class Morpher:
 
     # ---- stage 4 ---------------------------------------------------------------------------
     def rank(self) -> int:
-        """Stage 4: the conditional LoRA rank (config.lora_rank, or IMPUS's rule from rPPD)."""
+        """Stage 4: the conditional LoRA rank: ``config.lora_rank``, or IMPUS's rule from rPPD
+        (:func:`perceptual.rppd_probe` of kind ``config.rppd_probe`` on the un-adapted model,
+        at least 16 for an outlier pair), bounded by ``config.max_lora_rank`` and the narrowest
+        adapted layer."""
         def compute():
-            if self.config.lora_rank is not None:
-                return self.config.lora_rank
             c = self.config
+            if c.lora_rank is not None:
+                return self._bounded_rank(c.lora_rank)
             key = stage_key("rppd", inversion=self._keys()["inversion"], frames=c.rppd_frames,
                             steps=c.sample_steps, w=(c.min_guidance, c.max_guidance),
-                            lpips=self.lpips.trunk)
+                            lpips=self.lpips.trunk, probe=c.rppd_probe)
             cached = self.cache.load("rppd", key)
             codes = self.base_codes() if cached is None else None
             with self._stage("rppd") as stats:
                 if cached is None:
-                    outlier = any(is_outlier_code(codes[i]) for i in range(2))
-                    frames = self.render(uniform_alphas(c.rppd_frames), adapted=False)
-                    d = self.lpips(frames[:-1], frames[1:]).tolist()
-                    end = float(self.lpips(frames[:1], frames[-1:])[0])
-                    value = rppd_of(d, end) if end > 0 else 0.0
-                    cached = {"rppd": torch.tensor(value), "outlier": torch.tensor(outlier)}
+                    probe = rppd_probe(lambda a, w: self.render(a, adapted=False, guidances=w), self.lpips,
+                                       c.rppd_frames, c.rppd_probe, c.min_guidance, c.max_guidance)
+                    cached = {"rppd": torch.tensor(probe.value),
+                              "outlier": torch.tensor(is_outlier_pair(codes[0], codes[1]))}
                     self.cache.save("rppd", key, cached)
                 else:
                     stats.cached = True
             self._values["rppd"] = float(cached["rppd"])
             self._values["outlier"] = bool(cached["outlier"])
-            return rank_from_rppd(self._values["rppd"], self._values["outlier"])
+            return self._bounded_rank(rank_from_rppd(self._values["rppd"], self._values["outlier"]))
         return self._once("rank", compute)
+
+    def _bounded_rank(self, rank: int) -> int:
+        limit = max_adapter_rank(self.model)
+        reason = "the narrowest adapted layer"
+        if self.config.max_lora_rank is not None and self.config.max_lora_rank < limit:
+            limit, reason = self.config.max_lora_rank, "config.max_lora_rank"
+        if rank <= limit:
+            return rank
+        asked = f"2^{rank.bit_length() - 1}" if rank > 2 ** 20 else str(rank)
+        self.notes.append(f"LoRA rank {asked} bounded to {limit} ({reason})")
+        return limit
 
     def rppd(self) -> Optional[float]:
         """The rPPD that stage 4 measured (None when ``config.lora_rank`` fixed the rank)."""
@@ -337,7 +378,7 @@ class Morpher:
     def _adapter(self, name, key, rank, steps, lr, embeddings, stats) -> str:
         cached = self.cache.load(name + "_lora", key)
         if cached is None:
-            add_lora(self.model, name, rank, seed=self.config.seed)
+            add_lora(self.model, name, rank, seed=self.config.seed, init=self.config.lora_init)
             latents = self.latents()
             train_lora(self.model, name, [latents[0:1], latents[1:2]], embeddings, steps, lr,
                        seed=self.config.seed, progress=self.progress, desc=f"{name} LoRA r={rank}")
@@ -363,13 +404,14 @@ class Morpher:
         return self._once("codes", compute)
 
     # ---- stage 8 ---------------------------------------------------------------------------
-    def render(self, alphas: Sequence[float], adapted: bool = True) -> torch.Tensor:
+    def render(self, alphas: Sequence[float], adapted: bool = True,
+               guidances: Optional[Sequence[float]] = None) -> torch.Tensor:
         """Stage 8: frames (K, 3, S, S) in [-1, 1] at ``alphas``.
 
         Embedding ``lerp(e0, e1, a)``, start code ``slerp(z0, z1, a)``, guidance
-        ``config.guidance(a)``, ``config.sample_steps`` DDIM steps, in batches of
-        ``config.batch_size``. ``adapted=False`` uses the un-adapted model and base codes
-        (the rPPD probe).
+        ``config.guidance(a)`` (or ``guidances``, one per alpha), ``config.sample_steps`` DDIM
+        steps on ``config.timestep_spacing``'s grid, in batches of ``config.batch_size``.
+        ``adapted=False`` uses the un-adapted model and base codes (the rPPD probe).
         """
         embeddings = self.embeddings()
         if adapted:
@@ -379,15 +421,18 @@ class Morpher:
             cond_adapter = uncond_adapter = None
             codes = self.base_codes()
         uncond = self.uncond_embedding()
+        if guidances is None:
+            guidances = [self.config.guidance(float(a)) for a in alphas]
         out = []
         for start in range(0, len(alphas), self.config.batch_size):
             chunk = [float(a) for a in alphas[start:start + self.config.batch_size]]
             k = len(chunk)
             cond = lerp(embeddings[0:1], embeddings[1:2], chunk).reshape(k, *embeddings.shape[1:])
             start_codes = slerp(codes[0:1], codes[1:2], chunk).reshape(k, *codes.shape[1:])
-            guidance = torch.tensor([self.config.guidance(a) for a in chunk])
+            guidance = torch.tensor([float(w) for w in guidances[start:start + k]])
             latents = ddim_sample(self.model, start_codes, cond, uncond, guidance, self.config.sample_steps,
-                                  cond_adapter, uncond_adapter, progress=False)
+                                  cond_adapter, uncond_adapter, progress=False,
+                                  timestep_spacing=self.config.timestep_spacing)
             out.append(self.model.decode(latents).cpu())
         return torch.cat(out)
 
@@ -422,12 +467,14 @@ class Morpher:
         if frame_bar is not None:
             frame_bar.close()
         schedule = self.schedule()
+        errors = end_errors(self.images, schedule.frames[[0, -1]], self.reconstructions(), self.lpips)
         return MorphResult(
             frames=tensor_to_pil(schedule.frames), images=schedule.frames, alphas=schedule.alphas,
             distances=schedule.distances, config=self.config, prompt=self.prompt,
             model_name=self.model.name, lpips_trunk=self.lpips.trunk, lora_rank=self.rank(),
             rppd=self._values.get("rppd"), outlier=bool(self._values.get("outlier", False)),
-            step=schedule.step, stats=dict(self.stats), notes=list(schedule.notes))
+            step=schedule.step, end_errors=errors, stats=dict(self.stats),
+            notes=self.notes + list(schedule.notes))
 
 
 def morph(model: DiffusionModel, image0: ImageLike, image1: ImageLike, prompt: str,

@@ -10,13 +10,16 @@ Conventions (the papers disagree; these are the ones used everywhere in impus_li
   fixed seed: still a metric on images, not the perceptual one. :attr:`Lpips.trunk` says which
   ("imagenet" or "random"); every result that uses LPIPS records it.
 * Path metrics take the K-1 consecutive distances ``d_k = LPIPS(x_k, x_{k+1})`` of K frames.
+* PSNR is on images in [-1, 1] with peak-to-peak 2, the same number as on [0, 1] with peak 1.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -168,6 +171,97 @@ def rppd(distances: Sequence[float], end_distance: float) -> float:
     if end_distance <= 0:
         raise InputError("rPPD needs end frames at a positive distance from each other.")
     return float(d.sum() / (d.size * end_distance))
+
+
+@dataclass
+class RppdProbe:
+    """What an rPPD probe rendered and measured.
+
+    Attributes:
+        value: the rPPD.
+        alphas, guidances: the frames rendered, in the order the gaps are taken.
+        distances: the gaps summed in the numerator.
+        end_distance: the end distance in the denominator.
+        kind: "equation" or "reference" (see :func:`rppd_probe`).
+    """
+
+    value: float
+    alphas: list[float]
+    guidances: list[float]
+    distances: list[float]
+    end_distance: float
+    kind: str
+
+
+def rppd_probe(render: Callable[[Sequence[float], Sequence[float]], torch.Tensor], distance: Callable,
+               frames: int = 10, kind: str = "equation", min_guidance: float = 1.5,
+               max_guidance: float = 3.0) -> RppdProbe:
+    """Measure rPPD on the path ``render(alphas, guidances) -> frames (K, 3, H, W)`` in [-1, 1].
+
+    ``kind="equation"`` is the IMPUS paper's: K = ``frames`` uniform alphas a_k = k/(K-1) from 0
+    to 1, each at the morph's guidance ``w(a) = max - |a - 0.5| 2 (max - min)``, and
+
+        rPPD = sum_{k<K-1} d(x_k, x_{k+1}) / ((K-1) d(x_0, x_{K-1})).
+
+    ``kind="reference"`` is what the reference code (GoL2022/IMPUS run_morph.py) computes, in
+    this package's convention (alpha 0 = image 0): a start frame s = x(0) at the minimum
+    guidance; K frames y_k = x(1 - k/K), k = 1..K, all at the maximum guidance (y_1 is near
+    image 1, y_K is image 0 again); an end frame e = x(1) at the maximum guidance, and
+
+        rPPD = (d(s, y_1) + sum_{k<K} d(y_k, y_{k+1})) / ((K-1) d(s, e)):
+
+    K gaps over K-1, and a first gap that crosses the whole path. On an evenly spaced path of
+    length L it gives (1.8 L) / (9 L) = 0.2 where the equation gives 1/9, about 0.1 more, which
+    the rank rule turns into about four times the rank.
+    """
+    if frames < 2:
+        raise InputError(f"rPPD needs at least 2 frames, got {frames}.")
+    if kind == "equation":
+        alphas = [k / (frames - 1) for k in range(frames)]
+        guidances = [max_guidance - abs(a - 0.5) * 2 * (max_guidance - min_guidance) for a in alphas]
+    elif kind == "reference":
+        alphas = [0.0] + [1 - k / frames for k in range(1, frames + 1)] + [1.0]
+        guidances = [min_guidance] + [max_guidance] * (frames + 1)
+    else:
+        raise InputError(f"Unknown rPPD probe '{kind}': use equation or reference.")
+    images = render(alphas, guidances)
+    if kind == "equation":
+        path, start, end = images, images[:1], images[-1:]
+    else:
+        path, start, end = images[:-1], images[:1], images[-1:]
+    gaps = [float(g) for g in distance(path[:-1], path[1:])]
+    end_distance = float(distance(start, end)[0])
+    value = float(sum(gaps) / ((frames - 1) * end_distance)) if end_distance > 0 else 0.0
+    return RppdProbe(value, alphas, guidances, gaps, end_distance, kind)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2):
+    ``10 log10(4 / mean((a - b)^2))``; infinite for identical images."""
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def end_errors(inputs: torch.Tensor, ends: torch.Tensor, reconstructions: torch.Tensor,
+               distance: Callable) -> dict[str, float]:
+    """How far a morph's end frames are from its inputs, next to the floor no morph can beat.
+
+    Args:
+        inputs: (2, 3, H, W) in [-1, 1], the two images exactly as the model sees them.
+        ends: (2, 3, H, W), the first and last frames (alpha 0 and 1).
+        reconstructions: (2, 3, H, W), the inputs through the VAE (encode, decode).
+        distance: LPIPS-like callable on batches.
+    Returns:
+        ``lpips_a``, ``lpips_b``, ``psnr_a``, ``psnr_b`` (frame 0 to input A, last frame to input
+        B; PSNR in dB) and ``vae_lpips_a`` ... ``vae_psnr_b`` (reconstruction to input).
+    """
+    out = {}
+    for prefix, images in (("", ends), ("vae_", reconstructions)):
+        d = distance(images, inputs)
+        for i, side in enumerate("ab"):
+            out[f"{prefix}lpips_{side}"] = float(d[i])
+            out[f"{prefix}psnr_{side}"] = psnr(images[i], inputs[i])
+    return out
 
 
 def ppl_stylegan(render: Callable[[Sequence[float]], torch.Tensor], distance: Callable,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -74,3 +76,20 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for :func:`peak_memory_mb` (CUDA only; a CPU process's peak never resets)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MB: the CUDA allocator's peak since :func:`reset_peak_memory` on a GPU, the
+    process's peak resident set size on a CPU (which includes Python and the model, and never
+    goes down)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .models import DiffusionModel
+from .precision import loss_scaler
 
 
 def check_prompt_not_empty(prompt: str) -> None:
@@ -78,7 +79,9 @@ def optimize_embedding(model: DiffusionModel, latents: torch.Tensor, embedding: 
 
     Minimises the diffusion loss of :meth:`DiffusionModel.diffusion_loss` over the whole
     (L, D) embedding, one random t and eps per step, ``steps`` Adam steps of rate ``lr``.
-    Model weights stay frozen. ``steps = 0`` returns the embedding unchanged.
+    Model weights stay frozen; the embedding and Adam's state are fp32, and through an fp16
+    UNet the loss is scaled (:func:`impus_lite.precision.loss_scaler`). ``steps = 0`` returns
+    the embedding unchanged.
 
     Args:
         latents: (1, 4, h, w) latent of one image.
@@ -91,13 +94,15 @@ def optimize_embedding(model: DiffusionModel, latents: torch.Tensor, embedding: 
     if steps == 0:
         return result
     optimizer = torch.optim.Adam([param], lr=lr)
+    scaler = loss_scaler(model)
     generator = torch.Generator().manual_seed(seed)
     with model.using_adapter(None):
         for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             loss = model.diffusion_loss(latents, param, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             result.losses.append(float(loss.detach()))
     result.embedding = param.detach().clone()
     return result

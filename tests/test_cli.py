@@ -99,3 +99,28 @@ def test_cli_subprocess_exit_status_on_bad_input(tmp_path):
                              str(tmp_path / "b.png"), "--prompt", "x", "--out", str(tmp_path / "o")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Image not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_palette_png_and_cmyk_jpeg_morph_with_a_bounded_rank(tmp_path, small_preset):
+    # Inputs a new user tries first: the tiny model's rPPD on this pair (0.78) asks for rank 256.
+    palette, cmyk = tmp_path / "palette.png", tmp_path / "cmyk.jpg"
+    smooth_image(3, (40, 30)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8).save(palette)
+    smooth_image(4, (50, 60)).convert("CMYK").save(cmyk)
+    out = tmp_path / "out"
+    assert main(["morph", str(palette), str(cmyk), "--prompt", "a photo", *FAST_TINY, "--out", str(out)]) == 0
+    summary = json.loads((out / "morph.json").read_text())
+    assert summary["lora_rank"] == 16  # the tiny UNet's narrowest attention projection
+    assert any("bounded to 16" in note for note in summary["notes"])
+    assert set(summary["end_errors"]) >= {"lpips_a", "psnr_b", "vae_psnr_a"}
+
+
+def test_paper_preset_stretches_and_the_dtype_flag_overrides_its_precision(image_pair, tmp_path, monkeypatch):
+    from impus_lite import config
+    from conftest import TINY_CONFIG
+    monkeypatch.setitem(config.PRESETS, "paper", TINY_CONFIG.replace(
+        frames=None, resize_mode="resize", resample="bilinear", precision="fp32"))
+    out = tmp_path / "out"
+    assert main(["morph", str(image_pair[0]), str(image_pair[1]), "--prompt", "a photo", *FAST_TINY,
+                 "--preset", "paper", "--dtype", "bf16", "--out", str(out)]) == 0
+    used = json.loads((out / "morph.json").read_text())["config"]
+    assert (used["resize_mode"], used["resample"], used["precision"]) == ("resize", "bilinear", "bf16")

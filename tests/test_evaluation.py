@@ -52,7 +52,10 @@ def test_ablation_rows_differ_where_they_should(tiny_model, pairs_root, lpips_ra
     assert rows["no_lora"]["lora_rank"] == 0 and rows["full"]["lora_rank"] >= 1
     # Schedules share the trained stages (cache): they cost only their renders.
     assert rows["uniform"]["unet_evals"] < rows["no_text_opt"]["unet_evals"]
-    assert rows["uniform"]["pdv"] != rows["rescheduled"]["pdv"]
+    # The rescheduled row renders a second pass and keeps the more even one.
+    assert rows["rescheduled"]["unet_evals"] > rows["uniform"]["unet_evals"]
+    assert rows["rescheduled"]["pdv"] <= rows["uniform"]["pdv"]
+    assert rows["searched"]["unet_evals"] != rows["uniform"]["unet_evals"]
     summary = summarise(list(rows.values()))
     assert [s["ablation"] for s in summary] == list(ABLATIONS)
     table = markdown_table(summary, ("ablation", "pdv"))

@@ -54,3 +54,19 @@ def test_guidance_one_skips_the_unconditional_branch(tiny_model):
     before = tiny_model.unet_evals
     ddim_sample(tiny_model, codes, e, unconditional_embedding(tiny_model), 2.0, 4, progress=False)
     assert tiny_model.unet_evals - before == 2 * 2 * 4
+
+
+def test_leading_grids_do_not_meet_and_trailing_grids_do(tiny_model):
+    from impus_lite.inversion import grid_ends
+    assert grid_ends(tiny_model, 250, 16, "leading") == (997, 931)   # the reference code's grids
+    assert grid_ends(tiny_model, 50, 12, "leading") == (981, 914)
+    assert grid_ends(tiny_model, 50, 12, "trailing") == (999, 999)
+    assert grid_ends(tiny_model, 250, 16, "trailing") == (999, 999)
+
+
+def test_round_trip_on_meeting_grids_is_closer(tiny_model):
+    from impus_lite.inversion import round_trip
+    z = _latents(tiny_model, 3, batch=4)
+    e = encode_prompt(tiny_model, "a photo")
+    errors = {s: _relative_error(round_trip(tiny_model, z, e, 50, 12, s), z) for s in ("leading", "trailing")}
+    assert errors["trailing"] < errors["leading"]

@@ -5,8 +5,7 @@ import torch
 
 from impus_lite.bench import SavedActivations
 from impus_lite.errors import InputError
-from impus_lite.lora import (adapter_parameters, adapter_state, add_lora, is_outlier_code,
-                             load_adapter_state, rank_from_rppd, train_lora)
+from impus_lite.lora import adapter_parameters, adapter_state, add_lora, load_adapter_state, rank_from_rppd, train_lora
 from impus_lite.text import encode_prompt, unconditional_embedding
 
 
@@ -23,12 +22,6 @@ def test_rank_rule_matches_the_reference_table(rppd, outlier, rank):
 def test_rank_rule_rejects_nonsense():
     with pytest.raises(InputError):
         rank_from_rppd(float("nan"))
-
-
-def test_outlier_rule():
-    assert not is_outlier_code(torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0)))
-    assert is_outlier_code(0.5 * torch.randn(4, 64, 64))     # variance 0.25
-    assert not is_outlier_code(1.2 * torch.randn(4, 64, 64))  # too large, but not < 0.9
 
 
 def _prediction(model, adapter, z, e):
@@ -92,3 +85,31 @@ def test_lora_training_holds_one_image_of_activations_at_a_time(tiny_model):
     one, two = _peak_saved_bytes(tiny_model, 1), _peak_saved_bytes(tiny_model, 2)
     assert one > 0
     assert two < 1.1 * one  # a summed loss over both images would hold twice as much
+
+
+@pytest.mark.parametrize("rank", [2, 8])
+def test_gaussian_initialisation_draws_a_with_std_one_over_rank(tiny_model, rank):
+    stds = {}
+    for init in ("gaussian", "kaiming"):
+        add_lora(tiny_model, "init-probe", rank, seed=0, init=init)
+        a = torch.cat([p.detach().flatten() for n, p in tiny_model.unet.named_parameters()
+                       if ".lora_A.init-probe." in n])
+        b = torch.cat([p.detach().flatten() for n, p in tiny_model.unet.named_parameters()
+                       if ".lora_B.init-probe." in n])
+        assert torch.count_nonzero(b) == 0  # the adapter starts as the identity either way
+        stds[init] = float(a.std())
+        tiny_model.remove_adapter("init-probe")
+    assert stds["gaussian"] == pytest.approx(1 / rank, rel=0.1)
+    # peft's Kaiming-uniform: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in 16 or 32 on the tiny model.
+    assert 1 / math.sqrt(3 * 32) * 0.9 < stds["kaiming"] < 1 / math.sqrt(3 * 16) * 1.1
+
+
+def test_outlier_rule_reads_both_codes():
+    from impus_lite.lora import is_outlier_pair
+    g = torch.Generator().manual_seed(0)
+    unit, low, lower = (s * torch.randn(4, 64, 64, generator=g) for s in (1.0, 0.8 ** 0.5, 0.5))
+    assert not is_outlier_pair(unit, unit.flip(0))   # both near variance 1
+    assert is_outlier_pair(unit, lower)              # |1 - 0.25| > 0.1 and 0.25 < 0.9
+    assert is_outlier_pair(low, unit)                # |0.8 - 1| > 0.1 and 0.8 < 0.9
+    assert not is_outlier_pair(lower, lower.flip(0))  # both low, but alike: no outlier
+    assert not is_outlier_pair(unit, 1.2 * unit)     # far apart, but neither below 0.9

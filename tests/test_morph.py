@@ -61,7 +61,8 @@ FIELD_CHANGES = {
     "uncond_lora_steps": 4, "uncond_lora_lr": 0.05, "sample_steps": 4, "min_guidance": 1.0,
     "max_guidance": 5.0, "schedule": "uniform", "frames": 4, "reschedule_passes": 1,
     "reschedule_damping": 0.5,
-    "batch_size": 1, "seed": 1,
+    "batch_size": 1, "seed": 1, "resample": "bilinear", "precision": "bf16", "timestep_spacing": "leading",
+    "rppd_probe": "reference", "lora_init": "kaiming", "max_lora_rank": 2,
     # Fields read only under some schedules, checked against a base config that uses them:
     "lpips_step": 0.04, "lpips_tol": 0.02, "search_candidates": 3, "max_frames": 3,
     "beta_a": 5.0, "beta_b": 0.5,
@@ -76,6 +77,7 @@ BASES = {
     "reschedule_passes": dict(reschedule_passes=3, frames=5, lpips_tol=0.0),
     "reschedule_damping": dict(schedule="reschedule", reschedule_passes=2, frames=5, lpips_tol=0.0),
     "schedule": dict(reschedule_passes=3, frames=5, lpips_tol=0.0),
+    "max_lora_rank": dict(lora_rank=4),
 }
 
 
@@ -90,11 +92,13 @@ def test_every_config_field_is_covered():
 
 @pytest.mark.parametrize("field", sorted(FIELD_CHANGES))
 def test_each_config_field_changes_the_output_or_the_cost(field, tiny_model, image_pair, lpips_random):
+    from impus_lite.models import load_model
     base = TINY_CONFIG.replace(**BASES.get(field, {}))
     changed = base.replace(**{field: FIELD_CHANGES[field]})
     assert getattr(changed, field) != getattr(base, field)
-    images0, alphas0, evals0, calls0 = _signature(run(tiny_model, image_pair, base, lpips_random))
-    images1, alphas1, evals1, calls1 = _signature(run(tiny_model, image_pair, changed, lpips_random))
+    model = load_model("tiny", device="cpu") if field == "precision" else tiny_model  # it casts the model
+    images0, alphas0, evals0, calls0 = _signature(run(model, image_pair, base, lpips_random))
+    images1, alphas1, evals1, calls1 = _signature(run(model, image_pair, changed, lpips_random))
     same_frames = images0.shape == images1.shape and torch.allclose(images0, images1, atol=1e-5)
     assert not (same_frames and alphas0 == alphas1 and evals0 == evals1 and calls0 == calls1)
 
@@ -106,6 +110,11 @@ def test_presets_hold_the_reference_numbers():
     assert (paper.uncond_lora_rank, paper.uncond_lora_steps, paper.sample_steps) == (2, 15, 16)
     assert (paper.min_guidance, paper.max_guidance, paper.lpips_step, paper.lpips_tol) == (1.5, 3.0, 0.2, 0.01)
     assert paper.rppd_frames == 10 and paper.lora_rank is None and paper.schedule == "perceptual"
+    # Where the reference code's choices change the result:
+    assert (paper.resize_mode, paper.resample, paper.precision) == ("resize", "bilinear", "fp32")
+    assert (paper.timestep_spacing, paper.rppd_probe, paper.lora_init) == ("leading", "reference", "gaussian")
+    fast = MorphConfig.preset("fast")
+    assert (fast.timestep_spacing, fast.rppd_probe, fast.precision) == ("trailing", "equation", None)
     assert paper.guidance(0.0) == 1.5 and paper.guidance(0.5) == 3.0 and paper.guidance(0.75) == 2.25
     assert set(PRESETS) == {"paper", "fast"}
     with pytest.raises(Exception):
@@ -116,6 +125,8 @@ def test_presets_hold_the_reference_numbers():
     (dict(frames=1), "at least 2 frames"), (dict(schedule="zigzag"), "Unknown schedule"),
     (dict(lpips_step=0), "must be positive"), (dict(reschedule_damping=1.0), "in \\[0, 1\\)"),
     (dict(schedule="uniform", frames=None), "needs a frame count"),
+    (dict(timestep_spacing="linspace"), "Unknown timestep_spacing"), (dict(precision="fp8"), "Unknown precision"),
+    (dict(rppd_probe="code"), "Unknown rppd_probe"), (dict(max_lora_rank=0), "max_lora_rank"),
 ])
 def test_bad_config_values(changes, message):
     with pytest.raises(InputError, match=message):
@@ -172,3 +183,43 @@ def test_half_precision_weights_morph_like_full_precision(image_pair, lpips_rand
     assert half.images.abs().max() <= 1.0
     assert (half.images - full.images).abs().mean() < tolerance
     assert half.lora_rank == full.lora_rank and half.unet_evals == full.unet_evals
+
+
+def test_the_paper_preset_casts_a_half_model_to_fp32_and_says_so(image_pair, lpips_random):
+    from impus_lite.models import load_model
+    model = load_model("tiny", device="cpu", dtype="fp16")
+    result = run(model, image_pair, TINY_CONFIG.replace(precision="fp32"), lpips_random)
+    assert model.dtype == torch.float32 and {p.dtype for p in model.unet.parameters()} == {torch.float32}
+    assert any("cast from float16 to fp32" in note for note in result.notes)
+
+
+def test_end_errors_compare_the_end_frames_with_the_inputs_and_the_vae_floor(tiny_model, image_pair,
+                                                                            lpips_random):
+    from impus_lite.perceptual import psnr
+    m = Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG, lpips=lpips_random, progress=False)
+    result = m.run()
+    errors = result.end_errors
+    assert set(errors) == {f"{p}{k}_{s}" for p in ("", "vae_") for k in ("lpips", "psnr") for s in "ab"}
+    floor = m.reconstructions()
+    assert floor.shape == m.images.shape
+    assert errors["vae_psnr_a"] == pytest.approx(psnr(floor[0], m.images[0]))
+    assert errors["psnr_b"] == pytest.approx(psnr(result.images[-1], m.images[1]))
+    assert errors["lpips_a"] == pytest.approx(float(lpips_random(result.images[:1], m.images[:1])[0]), abs=1e-6)
+    assert result.summary()["end_errors"] == errors
+    assert all(s.peak_memory_mb > 0 for s in result.stats.values())
+
+
+def test_a_huge_rppd_asks_for_a_bounded_rank(tiny_model, image_pair, lpips_random, monkeypatch):
+    import sys
+
+    from impus_lite.lora import max_adapter_rank
+    from impus_lite.perceptual import RppdProbe
+
+    monkeypatch.setattr(sys.modules["impus_lite.morph"], "rppd_probe", lambda *a, **k: RppdProbe(5.0, [], [], [], 1.0, "equation"))
+    assert max_adapter_rank(tiny_model) == 16  # the tiny UNet's narrowest attention projection
+    m = Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG, lpips=lpips_random, progress=False)
+    assert m.rppd() == 5.0 and m.rank() == 16  # the rule asks for 2^84
+    assert any("2^84 bounded to 16" in note for note in m.notes)
+    small = Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(max_lora_rank=4), lpips=lpips_random,
+                    progress=False)
+    assert small.rank() == 4 and any("config.max_lora_rank" in note for note in small.notes)

@@ -65,3 +65,43 @@ def test_consecutive_distances():
 def test_unknown_trunk():
     with pytest.raises(InputError, match="trunk"):
         Lpips("vgg")
+
+
+def _linear_path(alphas, guidances):
+    # Frame at alpha is a constant image of value alpha: the L1 distance between two frames is
+    # |alpha - alpha'|, whatever the guidance.
+    return torch.tensor(alphas, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).clone()
+
+
+def _l1(a, b):
+    return (a - b).abs().mean(dim=(1, 2, 3))
+
+
+def test_rppd_probe_gives_each_formula_on_a_path_of_known_length():
+    from impus_lite.lora import rank_from_rppd
+    from impus_lite.perceptual import rppd_probe
+
+    equation = rppd_probe(_linear_path, _l1, frames=10, kind="equation")
+    assert equation.value == pytest.approx(1 / 9)          # 9 gaps of 1/9 over 9 x 1
+    assert equation.alphas == pytest.approx([k / 9 for k in range(10)])
+    assert equation.guidances[0] == 1.5 and max(equation.guidances) < 3.0
+    reference = rppd_probe(_linear_path, _l1, frames=10, kind="reference")
+    # Start at image 0 (alpha 0, w = 1.5), then alpha 0.9, 0.8, ..., 0 at w = 3: a first gap of 0.9
+    # and nine of 0.1, over 9 times the end distance 1 (image 1 at w = 3).
+    assert reference.alphas == pytest.approx([0.0] + [1 - k / 10 for k in range(1, 11)] + [1.0])
+    assert reference.guidances == [1.5] + [3.0] * 11
+    assert reference.distances == pytest.approx([0.9] + [0.1] * 9)
+    assert reference.value == pytest.approx(1.8 / 9)
+    assert reference.value - equation.value == pytest.approx(0.2 - 1 / 9)
+    # With a path three times as winding (every gap x3, ends as before), the code's extra 0.1-0.3
+    # becomes a fourfold rank: 18 x 0.6 - 6 = 4.8 -> 16 against 18 x 0.33 - 6 = 0 -> 1.
+    assert rank_from_rppd(3 * reference.value) == 16 and rank_from_rppd(3 * equation.value) == 1
+    with pytest.raises(InputError):
+        rppd_probe(_linear_path, _l1, frames=10, kind="code")
+
+
+def test_psnr_closed_form():
+    from impus_lite.perceptual import psnr
+    a = torch.zeros(3, 8, 8)
+    assert psnr(a, a + 0.2) == pytest.approx(20.0)   # mse 0.04, peak-to-peak 2: 10 log10(4 / 0.04)
+    assert psnr(a, a) == float("inf")
