@@ -315,7 +315,14 @@ def test_fp16_export_is_upcast_by_the_loader(trained_tiny, tmp_path):
 
     out = C.export(trained_tiny, tmp_path / "half", dtype=torch.float16)
     full = C.export(trained_tiny, tmp_path / "full", dtype=torch.float32)
-    assert C.weights_megabytes(out) == pytest.approx(C.weights_megabytes(full) / 2, rel=0.05)
+    from safetensors.torch import load_file
+    stored = {part: {t.dtype for f in (out / part).glob("*.safetensors") for t in load_file(f).values()}
+              for part in ("unet", "vae", "text_encoder")}
+    # The text encoder stays fp32: transformers loads it in its stored dtype.
+    assert stored == {"unet": {torch.float16}, "vae": {torch.float16}, "text_encoder": {torch.float32}}
+    assert C.weights_megabytes(out / "unet") == pytest.approx(C.weights_megabytes(full / "unet") / 2, rel=0.05)
+    from transformers import CLIPTextModel
+    assert CLIPTextModel.from_pretrained(out / "text_encoder").dtype == torch.float32  # as transformers loads it
     half_model, full_model = load_model(str(out), device="cpu"), load_model(str(full), device="cpu")
     half_weights = dict(half_model.unet.named_parameters())
     for name, weight in full_model.unet.named_parameters():

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,17 @@ def test_the_shipped_classroom_model_loads_and_round_trips_an_emoji():
     assert z.shape == (1, 4, 16, 16) and 0.3 < z.std().item() < 3.0  # latents scaled to about unit std
     error = (model.decode(z) - x).abs().mean().item()
     assert error < 0.1, error  # a trained VAE (the random tiny one is off by ~0.9)
+
+
+def test_the_shipped_classroom_model_generates_in_plain_diffusers():
+    # Exactly as a diffusers user writes it: no torch_dtype, no impus_lite.
+    from diffusers import StableDiffusionPipeline
+
+    from impus_lite.runtime import data_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(data_path("classroom")))
+    assert {next(getattr(pipe, name).parameters()).dtype for name in ("unet", "vae", "text_encoder")} == \
+        {torch.float32}
+    image = pipe("cat face", num_inference_steps=3, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all() and image.std() > 0.05

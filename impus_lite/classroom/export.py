@@ -72,7 +72,12 @@ def export(checkpoint_dir: Union[str, Path] = None, out_dir: Union[str, Path] = 
 
     ``dtype`` None stores fp32 when the weights fit in ``max_mb`` and fp16 otherwise
     (``from_pretrained(torch_dtype=torch.float32)`` upcasts them on load). Raises ValueError
-    when even that is above ``max_mb``."""
+    when even that is above ``max_mb``.
+
+    The text encoder is always stored in fp32: diffusers loads half UNet and VAE weights as fp32
+    when no ``torch_dtype`` is given, but transformers 5 loads a model in its stored dtype, so a
+    half text encoder would hand half embeddings to an fp32 UNet in a plain
+    ``StableDiffusionPipeline.from_pretrained(folder)``."""
     checkpoint_dir = Path(checkpoint_dir or default_train_dir())
     out_dir = Path(out_dir)
     pipe = pipeline_from_checkpoints(checkpoint_dir, use_ema=use_ema)
@@ -80,6 +85,7 @@ def export(checkpoint_dir: Union[str, Path] = None, out_dir: Union[str, Path] = 
         params = sum(count_parameters(m) for m in (pipe.vae, pipe.unet, pipe.text_encoder))
         dtype = torch.float32 if params * 4 / 1e6 <= max_mb else torch.float16
     pipe.to(dtype=dtype)
+    pipe.text_encoder.to(torch.float32)
     staging = out_dir.with_name(out_dir.name + f".staging{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
@@ -92,6 +98,7 @@ def export(checkpoint_dir: Union[str, Path] = None, out_dir: Union[str, Path] = 
     (staging / "training.json").write_text(json.dumps({
         "vae_steps": torch.load(checkpoint_dir / "vae.pt", weights_only=False)["step"],
         "unet_steps": unet_state["step"], "ema": use_ema, "dtype": str(dtype),
+        "text_encoder_dtype": str(torch.float32),
         "unet_loss_history": unet_state["history"][-20:]}, indent=1))
     old = out_dir.with_name(out_dir.name + f".old{os.getpid()}")
     if out_dir.exists():
