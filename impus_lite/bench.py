@@ -353,11 +353,12 @@ def format_gradient_precision(report: dict) -> str:
 
 
 def round_trip_errors(model, images: torch.Tensor, prompts: Sequence[str], inversion_steps: int = 50,
-                      sample_steps: int = 12, spacings: Sequence[str] = ("leading", "trailing")) -> dict:
+                      sample_steps: int = 12, spacings: Sequence[str] = ("leading", "trailing"),
+                      names: Optional[Sequence[str]] = None) -> dict:
     """Latent round-trip error of DDIM inversion then sampling (guidance 1), per timestep grid.
 
     Args:
-        images: (N, 3, S, S) in [-1, 1]; prompts: one per image.
+        images: (N, 3, S, S) in [-1, 1]; prompts: one per image; names: one per image (default: the prompts).
     Returns:
         per spacing: ``grid_ends`` (last inversion t, first sampling t) and ``mse`` (one per image,
         ``mean((z' - z)^2)`` in the VAE's scaled latent units), and their mean.
@@ -369,7 +370,8 @@ def round_trip_errors(model, images: torch.Tensor, prompts: Sequence[str], inver
     embeddings = torch.cat([encode_prompt(model, p) for p in prompts])
     report = {"machine": machine_description(model.device), "model": model.name,
               "latent_shape": list(latents.shape[1:]), "inversion_steps": inversion_steps,
-              "sample_steps": sample_steps, "prompts": list(prompts), "spacings": {}}
+              "sample_steps": sample_steps, "names": list(names or prompts), "prompts": list(prompts),
+              "spacings": {}}
     for spacing in spacings:
         back = round_trip(model, latents, embeddings, inversion_steps, sample_steps, spacing)
         mse = ((back - latents.to(back.device)) ** 2).mean(dim=(1, 2, 3)).cpu().tolist()
@@ -386,8 +388,8 @@ def format_round_trip(report: dict) -> str:
              f"{report['inversion_steps']} inversion / {report['sample_steps']} sampling steps, guidance 1", ""]
     lines.append(f"{'image':<40}" + "".join(
         f"{n + ' ' + '/'.join(map(str, report['spacings'][n]['grid_ends'])):>24}" for n in names))
-    for i, prompt in enumerate(report["prompts"]):
-        lines.append(f"{prompt[:39]:<40}" + "".join(f"{report['spacings'][n]['mse'][i]:24.5f}" for n in names))
+    for i, name in enumerate(report["names"]):
+        lines.append(f"{name[:39]:<40}" + "".join(f"{report['spacings'][n]['mse'][i]:24.5f}" for n in names))
     lines.append(f"{'mean':<40}" + "".join(f"{report['spacings'][n]['mean_mse']:24.5f}" for n in names))
     return "\n".join(lines)
 

@@ -170,7 +170,8 @@ def _add_bench(sub) -> None:
                            "precisions, with and without loss scaling, against fp32")
     mode.add_argument("--round-trip", action="store_true",
                       help="latent error of DDIM inversion then sampling (guidance 1) on the "
-                           "leading and trailing timestep grids, for every image under --pair")
+                           "leading and trailing timestep grids, for every image under --pair "
+                           "(prompt: its folder's prompt.txt, else its file name)")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "fp16", "bf16"),
                    help="precisions for --steps-smoke (default fp32 fp16 bf16) and "
                         "--gradient-precision (default fp16 bf16)")
@@ -206,11 +207,12 @@ def _run_bench(args) -> int:
             import torch
 
             from .images import load_image
-            pairs = find_pairs(args.pair or data_path("pairs"))
+            from .evaluation import find_images
+            found = find_images(args.pair or data_path("pairs"))
             size = args.size or model.resolution
-            images = torch.cat([load_image(path, size) for p in pairs for path in (p.image0, p.image1)])
-            prompts = [p.prompt for p in pairs for _ in range(2)]
-            report = bench.round_trip_errors(model, images, prompts, args.inversion_steps, args.sample_steps)
+            images = torch.cat([load_image(path, size) for path, _ in found])
+            report = bench.round_trip_errors(model, images, [prompt for _, prompt in found], args.inversion_steps,
+                                             args.sample_steps, names=[path.name for path, _ in found])
             text = bench.format_round_trip(report)
         else:
             pair = find_pairs(args.pair or data_path("pairs", "emoji_cat_dog"))[0]

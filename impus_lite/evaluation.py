@@ -87,6 +87,23 @@ def find_pairs(root: Union[str, Path], default_prompt: str = DEFAULT_PROMPT) -> 
     return pairs
 
 
+def find_images(root: Union[str, Path]) -> list[tuple[Path, str]]:
+    """Every image under ``root`` (recursively, sorted) with its prompt: the ``prompt.txt`` of
+    its folder when there is one, else its file name with "_" as spaces ("dog_face.png" ->
+    "dog face")."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"Images folder not found: '{root}'.")
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        prompt_file = path.parent / "prompt.txt"
+        prompt = prompt_file.read_text().strip() if prompt_file.is_file() else path.stem.replace("_", " ")
+        found.append((path, prompt))
+    if not found:
+        raise InputError(f"No images under '{root}'.")
+    return found
+
+
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 

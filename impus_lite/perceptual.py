@@ -242,6 +242,31 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
+def nearest_indices(images: torch.Tensor, references: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """For each image (B, 3, H, W), the indices (B, k) of its ``k`` nearest references
+    (N, 3, H, W) in pixel space (Euclidean distance), nearest first; k is capped at N."""
+    distances = torch.cdist(images.flatten(1).float(), references.flatten(1).float())
+    return distances.topk(min(k, len(references)), largest=False).indices
+
+
+def distance_to_data(images: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A realism measure that needs no Inception weights: how far each image is from the data.
+
+    Args:
+        images: (K, 3, H, W) in [-1, 1]; area-resized to the references' size first.
+        references: (N, 3, h, w) in [-1, 1], e.g. a model's training images.
+    Returns:
+        (K,) RMS pixel distance ``sqrt(mean((x - r*)^2))`` to the nearest reference r* (same
+        units as the images: 0 is a training image itself, 2 is the largest possible), and
+        (K,) the index of r*.
+    """
+    images = images.float().cpu()
+    if images.shape[-2:] != references.shape[-2:]:
+        images = torch.nn.functional.interpolate(images, size=references.shape[-2:], mode="area")
+    nearest = nearest_indices(images, references)[:, 0]
+    return (images - references[nearest].float()).flatten(1).pow(2).mean(1).sqrt(), nearest
+
+
 def end_errors(inputs: torch.Tensor, ends: torch.Tensor, reconstructions: torch.Tensor,
                distance: Callable) -> dict[str, float]:
     """How far a morph's end frames are from its inputs, next to the floor no morph can beat.

@@ -105,3 +105,13 @@ def test_psnr_closed_form():
     a = torch.zeros(3, 8, 8)
     assert psnr(a, a + 0.2) == pytest.approx(20.0)   # mse 0.04, peak-to-peak 2: 10 log10(4 / 0.04)
     assert psnr(a, a) == float("inf")
+
+
+def test_distance_to_data_finds_the_nearest_reference_and_its_rms_distance():
+    from impus_lite.perceptual import distance_to_data
+    references = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 0.0, 0.5)])
+    images = torch.stack([torch.full((3, 16, 16), 0.4), torch.full((3, 16, 16), -0.9)])  # resized to 8x8
+    distance, nearest = distance_to_data(images, references)
+    assert nearest.tolist() == [2, 0]
+    assert distance.tolist() == pytest.approx([0.1, 0.1])
+    assert distance_to_data(references, references)[0].tolist() == [0.0, 0.0, 0.0]

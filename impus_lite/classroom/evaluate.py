@@ -12,6 +12,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from ..perceptual import nearest_indices, psnr
 from .data import EmojiDataset, default_data_dir
 from .tokenizer import tokenize
 
@@ -21,19 +22,6 @@ def embed_prompts(model, prompts: Sequence[str]) -> torch.Tensor:
     """Text embeddings (B, 77, D) of prompts with the model's tokenizer and text encoder."""
     ids = tokenize(model.tokenizer, prompts).to(model.device)
     return model.text_encoder(ids)[0]
-
-
-def nearest_indices(images: torch.Tensor, references: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """For each image (B, 3, H, W), the indices (B, k) of its ``k`` nearest references
-    (N, 3, H, W) in pixel space (Euclidean distance), nearest first; k is capped at N."""
-    distances = torch.cdist(images.flatten(1).float(), references.flatten(1).float())
-    return distances.topk(min(k, len(references)), largest=False).indices
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
 @dataclass
