@@ -136,9 +136,11 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
     """Run ``morph`` once per preset (no cache) with ``frames`` frames; return per-stage costs.
 
     Returns a dict with ``machine``, ``model``, and per preset: ``stages`` (stage -> seconds,
-    unet_evals), ``total_unet_evals``, ``total_seconds``, ``peak_memory_mb``, ``frames``, and the
-    path metrics (PDV, PPL, smoothness) of the frames it made.
+    unet_evals), ``total_unet_evals``, ``total_seconds``, ``peak_memory_mb``, ``frames``, the
+    path metrics (PDV, PPL, smoothness) of the frames it made, and their end errors against the
+    VAE's floor (``end_errors`` and the means ``end_lpips``, ``vae_lpips``, ``end_psnr``, ``vae_psnr``).
     """
+    from .evaluation import end_metrics
     from .morph import morph
     from .perceptual import load_lpips, pdv, ppl_path_sum, smoothness
 
@@ -157,6 +159,7 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
             "peak_memory_mb": round(peak_memory_mb(model.device), 1), "frames": len(result.frames),
             "pdv": pdv(d), "ppl_path_sum": ppl_path_sum(d), "smoothness": smoothness(d),
             "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk,
+            "end_errors": result.end_errors, **end_metrics(result.end_errors),
         }
     names = list(report["presets"])
     if {"paper", "fast"} <= set(names):
@@ -183,7 +186,8 @@ def format_report(report: dict) -> str:
     lines.append(f"{'total':<12}" + "".join(
         f"{report['presets'][n]['total_seconds']:12.2f}{report['presets'][n]['total_unet_evals']:14d}" for n in names))
     for key, label in (("peak_memory_mb", "peak MB"), ("pdv", "PDV"), ("ppl_path_sum", "PPL sum"),
-                       ("smoothness", "smoothness")):
+                       ("smoothness", "smoothness"), ("end_lpips", "end LPIPS"), ("vae_lpips", "VAE LPIPS"),
+                       ("end_psnr", "end PSNR dB"), ("vae_psnr", "VAE PSNR dB")):
         lines.append(f"{label:<12}" + "".join(f"{report['presets'][n][key]:26.4g}" for n in names))
     if "fast_over_paper_unet_evals" in report:
         lines.append(f"\nfast / paper UNet evaluations: {report['fast_over_paper_unet_evals']:.3f}")

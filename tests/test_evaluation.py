@@ -56,6 +56,9 @@ def test_ablation_rows_differ_where_they_should(tiny_model, pairs_root, lpips_ra
     assert rows["rescheduled"]["unet_evals"] > rows["uniform"]["unet_evals"]
     assert rows["rescheduled"]["pdv"] <= rows["uniform"]["pdv"]
     assert rows["searched"]["unet_evals"] != rows["uniform"]["unet_evals"]
+    # One pair, one VAE: every row has the same floor, and its own end error.
+    assert len({r["vae_psnr"] for r in rows.values()}) == 1
+    assert rows["no_lora"]["end_lpips"] != rows["full"]["end_lpips"]
     summary = summarise(list(rows.values()))
     assert [s["ablation"] for s in summary] == list(ABLATIONS)
     table = markdown_table(summary, ("ablation", "pdv"))
@@ -112,7 +115,8 @@ def test_bench_counts_cost_per_stage_and_fast_is_cheaper(tiny_model, image_pair)
     assert report["fast_over_paper_unet_evals"] == pytest.approx(
         fast["total_unet_evals"] / paper["total_unet_evals"])
     text = format_report(report)
-    assert "fast / paper UNet evaluations" in text and "reinversion" in text
+    assert "fast / paper UNet evaluations" in text and "reinversion" in text and "VAE PSNR dB" in text
+    assert paper["end_errors"]["vae_lpips_a"] >= 0 and fast["end_psnr"] > 0
 
 
 def test_saved_activations_counts_what_autograd_keeps_until_backward():
