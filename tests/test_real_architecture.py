@@ -1,10 +1,11 @@
 """The Stable Diffusion 1.5 architecture, random weights, every stage of a morph on the CPU.
 
 The GPU path of the notebooks (the real UNet, VAE and 77x768 text encoder; training through a
-half-precision UNet with fp32 adapters and embedding and a scaled loss) runs here at 64x64 with
-a handful of steps (``bench.SMOKE_CHANGES``), in fp32 and fp16, through the same
+half-precision UNet with fp32 adapters and embedding and a scaled loss) runs here at 32x32 with
+one step of everything (``bench.SMOKE_CHANGES``), in fp32 and fp16, through the same
 ``bench --steps-smoke`` code that prints the 512x512 figures in the README. Building the model
-writes about 4 GB to the impus_lite cache once; the test takes minutes on two cores.
+writes about 4 GB to the impus_lite cache once; the test takes minutes on two cores (fp16
+convolutions are slow on CPUs without AVX-512: the VAE decodes most of the time).
 """
 
 import math
@@ -20,7 +21,7 @@ from impus_lite.runtime import data_path
 def sd15_report():
     pair = data_path("pairs", "emoji_cat_dog")
     return steps_smoke("sd15-random", pair / "cat_face.png", pair / "dog_face.png", "cat face dog face",
-                       dtypes=("fp32", "fp16"), device="cpu", size=64, progress=False)
+                       dtypes=("fp32", "fp16"), device="cpu", size=32, progress=False)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -33,7 +34,7 @@ def test_every_stage_runs_on_the_sd15_architecture(sd15_report, dtype):
     assert all(s["peak_memory_mb"] > 0 for s in run["stages"].values())
     # The rank from a random model's rPPD is bounded by SD 1.5's narrowest attention projection.
     assert 1 <= run["lora_rank"] <= 320 and math.isfinite(run["rppd"])
-    assert sd15_report["size"] == 64
+    assert sd15_report["size"] == 32
 
 
 def test_half_precision_costs_the_same_unet_evaluations(sd15_report):
