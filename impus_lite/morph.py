@@ -31,8 +31,8 @@ from .inversion import ddim_invert, ddim_sample
 from .lora import (COND_ADAPTER, UNCOND_ADAPTER, adapter_state, add_lora, is_outlier_pair,
                    load_adapter_state, max_adapter_rank, rank_from_rppd, train_lora)
 from .models import DiffusionModel, pick_dtype
-from .runtime import peak_memory_mb, reset_peak_memory
 from .perceptual import Lpips, end_errors, load_lpips, rppd_probe
+from .runtime import peak_memory_mb, reset_peak_memory
 from .schedules import (FrameCache, Schedule, beta_alphas, fixed_schedule, perceptual_search,
                         rescheduled_search, search_frame_count, uniform_alphas)
 from .text import check_prompt, encode_prompt, optimize_embedding, unconditional_embedding
@@ -360,7 +360,8 @@ class Morpher:
                                          [embeddings[0:1], embeddings[1:2]], stats)
                 if c.uncond_lora_rank > 0:
                     key = stage_key("uncond_lora", text=keys, rank=c.uncond_lora_rank,
-                                    steps=c.uncond_lora_steps, lr=c.uncond_lora_lr, seed=c.seed)
+                                    steps=c.uncond_lora_steps, lr=c.uncond_lora_lr, seed=c.seed,
+                                    init=c.lora_init)
                     empty = self.uncond_embedding()
                     uncond = self._adapter(UNCOND_ADAPTER, key, c.uncond_lora_rank, c.uncond_lora_steps,
                                            c.uncond_lora_lr, [empty, empty], stats)
@@ -398,8 +399,8 @@ class Morpher:
             cond, _ = self.adapters()
             if cond is None:
                 return self.base_codes()
-            keys = [stage_key("reinversion", lora=self._lora_key(), image=i, steps=self.config.inversion_steps)
-                    for i in range(2)]
+            keys = [stage_key("reinversion", lora=self._lora_key(), image=i, steps=self.config.inversion_steps,
+                              spacing=self.config.timestep_spacing) for i in range(2)]
             return self._invert("reinversion", keys, cond)
         return self._once("codes", compute)
 

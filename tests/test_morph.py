@@ -46,6 +46,15 @@ def test_cache_is_hit_on_rerun_and_missed_when_an_image_changes(tiny_model, imag
     assert resampled.stats["text"].cached and resampled.stats["lora"].cached
     assert not torch.allclose(resampled.images, first.images, atol=1e-4)
 
+    # Another DDIM grid: the codes are inverted again, the embeddings are reused.
+    regridded = run(tiny_model, image_pair, TINY_CONFIG.replace(timestep_spacing="leading"), lpips_random, cache)
+    assert regridded.stats["text"].cached
+    assert not regridded.stats["inversion"].cached and not regridded.stats["reinversion"].cached
+    # Another LoRA start: both adapters are trained again.
+    restarted = run(tiny_model, image_pair, TINY_CONFIG.replace(lora_init="kaiming"), lpips_random, cache)
+    assert restarted.stats["rppd"].cached and not restarted.stats["lora"].cached
+    assert restarted.stats["lora"].unet_evals == first.stats["lora"].unet_evals
+
     # Same file name, new content: nothing stale is reused.
     smooth_image(9, (40, 48)).save(image_pair[0])
     changed = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, cache)
