@@ -45,7 +45,7 @@ class MorphConfig:
         lora_rank: conditional LoRA rank; None = from rPPD (IMPUS's rule); 0 = no LoRA.
         rppd_frames: uniform frames of the un-adapted model that measure rPPD. The rank rule
             is calibrated on IMPUS's 10: with fewer frames each step is longer and rPPD larger.
-        rppd_probe: which rPPD the rank rule reads (see :func:`impus_lite.perceptual.rppd_probe_alphas`).
+        rppd_probe: which rPPD the rank rule reads (see :func:`impus_lite.perceptual.rppd_probe`).
             "equation" is the paper's: K uniform frames from alpha 0 to 1 rendered with the
             schedule's guidance, ``sum of K-1 gaps / ((K-1) LPIPS(end0, end1))``. "reference"
             is what the reference code (run_morph.py) computes: image 0's reconstruction at the

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .config import LORA_INITS
 from .errors import InputError
 from .models import DiffusionModel
 from .precision import loss_scaler
@@ -35,8 +36,8 @@ UNCOND_ADAPTER = "uncond"
 def rank_from_rppd(rppd: float, outlier: bool = False) -> int:
     """IMPUS's rank rule: ``r = 2 ** max(0, floor(18 rPPD - 6))``, at least 16 for outlier pairs.
 
-    rPPD <= 7/18 gives rank 1; each further 1/18 doubles it. The 18 and 6 are empirical (fitted
-    by the IMPUS authors on SD 1.4), and the rule has no upper bound: bound it with
+    rPPD <= 7/18 gives rank 1; each further 1/18 doubles it. The 18 and 6 are empirical (chosen
+    by the IMPUS authors for SD 1.4), and the rule has no upper bound: bound it with
     :func:`max_adapter_rank`.
     """
     if not math.isfinite(rppd) or rppd < 0:
@@ -78,8 +79,8 @@ def add_lora(model: DiffusionModel, name: str, rank: int, seed: int = 0, init: s
 
     if rank < 1:
         raise InputError(f"LoRA rank must be >= 1, got {rank}.")
-    if init not in ("gaussian", "kaiming"):
-        raise InputError(f"Unknown LoRA initialisation '{init}': use gaussian or kaiming.")
+    if init not in LORA_INITS:
+        raise InputError(f"Unknown LoRA initialisation '{init}': use one of {', '.join(LORA_INITS)}.")
     model.remove_adapter(name)
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian" if init == "gaussian" else True,
                         target_modules=list(LORA_TARGETS))
