@@ -179,9 +179,10 @@ class Morpher:
         self._values: dict[str, object] = {}
         self._adapter_states: dict[str, tuple[int, dict]] = {}
         model.remove_adapters()
-        if c.precision is not None and pick_dtype(model.device, c.precision) != model.dtype:
+        wanted = model.dtype if c.precision is None else pick_dtype(model.device, c.precision)
+        if wanted != model.dtype:
             before = str(model.dtype).replace("torch.", "")
-            model.cast(pick_dtype(model.device, c.precision))
+            model.cast(wanted)
             self.notes.append(f"weights cast from {before} to {c.precision} (config.precision)")
         digests = [tensor_digest(self.images[i]) for i in range(2)]
         self._base = dict(model=model.fingerprint, dtype=str(model.dtype), prompt=prompt)
