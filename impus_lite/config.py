@@ -20,6 +20,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 TIMESTEP_SPACINGS = ("leading", "trailing")
 RPPD_PROBES = ("reference", "equation")
 LORA_INITS = ("gaussian", "kaiming")
+#: The morphing methods, one module each in :mod:`impus_lite.methods`.
+METHODS = ("impus", "slerp", "diffmorpher", "wang-golland", "aid")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,12 @@ class MorphConfig:
     """Settings of a morph. Distances are LPIPS (AlexNet, images in [-1, 1]).
 
     Attributes:
+        method: which morphing method runs (:mod:`impus_lite.methods`): "impus" (this
+            package's pipeline), "slerp", "diffmorpher", "wang-golland" or "aid". Each method
+            reads the fields it can honour; the result's notes name the ones it ignored.
+        method_options: settings of a method other than IMPUS that no field covers (e.g.
+            ``{"attention_fraction": 0.6}`` for DiffMorpher), checked by the method; None = its
+            published defaults (see each method module's ``Options``).
         size: image side in pixels; None = the model's resolution (512 for SD 1.x).
         resize_mode: "crop" (keep aspect, cut the centre square) or "resize" (stretch, as the
             reference code does).
@@ -81,6 +89,8 @@ class MorphConfig:
         seed: seeds every random draw (text and LoRA training).
     """
 
+    method: str = "impus"
+    method_options: Optional[dict] = None
     size: Optional[int] = None
     resize_mode: str = "resize"
     resample: str = "bilinear"
@@ -118,7 +128,7 @@ class MorphConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise InputError(f"Unknown schedule '{self.schedule}': use one of {', '.join(SCHEDULES)}.")
-        for name, allowed in (("resize_mode", RESIZE_MODES), ("resample", RESAMPLERS),
+        for name, allowed in (("method", METHODS), ("resize_mode", RESIZE_MODES), ("resample", RESAMPLERS),
                               ("timestep_spacing", TIMESTEP_SPACINGS), ("rppd_probe", RPPD_PROBES),
                               ("lora_init", LORA_INITS)):
             if getattr(self, name) not in allowed:

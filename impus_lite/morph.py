@@ -14,9 +14,6 @@ Stages (SPEC.md numbering): 1 encode, 2 text embeddings, 3 DDIM inversion, 4 rPP
 
 from __future__ import annotations
 
-import contextlib
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -32,114 +29,11 @@ from .lora import (COND_ADAPTER, UNCOND_ADAPTER, adapter_state, add_lora, is_out
                    load_adapter_state, max_adapter_rank, rank_from_rppd, train_lora)
 from .models import DiffusionModel, pick_dtype
 from .perceptual import Lpips, end_errors, load_lpips, rppd_probe
-from .runtime import peak_memory_mb, reset_peak_memory
-from .schedules import (FrameCache, Schedule, beta_alphas, fixed_schedule, perceptual_search,
-                        rescheduled_search, search_frame_count, uniform_alphas)
+from .result import MorphResult, StageStats, stage_clock
+from .schedules import FrameCache, Schedule, choose_schedule
 from .text import check_prompt, encode_prompt, optimize_embedding, unconditional_embedding
 
 STAGES = ("encode", "text", "inversion", "rppd", "lora", "reinversion", "frames")
-
-
-@dataclass
-class StageStats:
-    """Cost of one stage: wall-clock seconds, UNet evaluations (latents through the UNet,
-    counting each branch of guidance), UNet calls (batches), peak memory in MB (the CUDA
-    allocator's peak during the stage on a GPU; the process's peak so far on a CPU, see
-    :func:`impus_lite.runtime.peak_memory_mb`), and whether its output came from the cache."""
-
-    seconds: float = 0.0
-    unet_evals: int = 0
-    unet_calls: int = 0
-    peak_memory_mb: float = 0.0
-    cached: bool = False
-
-
-@dataclass
-class MorphResult:
-    """The frames of a morph and how they were made.
-
-    Attributes:
-        frames: K RGB images; ``images`` the same as a tensor (K, 3, S, S) in [-1, 1].
-        alphas: K increasing floats from 0 to 1.
-        distances: K-1 consecutive LPIPS distances (trunk in ``lpips_trunk``).
-        lora_rank, rppd, outlier: the bottleneck chosen (rppd None when the rank was given).
-        end_errors: frame 0 against input A and the last frame against input B (LPIPS and PSNR
-            in dB, inputs as the model sees them), next to the VAE's own reconstruction of the
-            inputs (``vae_*``), the floor no morph can beat (see :func:`perceptual.end_errors`).
-        stats: per stage, seconds and UNet evaluations.
-    """
-
-    frames: list
-    images: torch.Tensor
-    alphas: list[float]
-    distances: list[float]
-    config: MorphConfig
-    prompt: str
-    model_name: str
-    lpips_trunk: str
-    lora_rank: int
-    rppd: Optional[float]
-    outlier: bool
-    step: Optional[float]
-    end_errors: dict[str, float] = field(default_factory=dict)
-    stats: dict[str, StageStats] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def unet_evals(self) -> int:
-        return sum(s.unet_evals for s in self.stats.values())
-
-    @property
-    def seconds(self) -> float:
-        return sum(s.seconds for s in self.stats.values())
-
-    def summary(self) -> dict:
-        """Everything but the pixels, JSON-serialisable."""
-        from . import __version__
-        from .perceptual import pdv, ppl_path_sum, smoothness
-        return {
-            "impus_lite": __version__, "model": self.model_name, "prompt": self.prompt,
-            "config": self.config.to_dict(), "alphas": self.alphas, "distances": self.distances,
-            "lpips": f"alex, trunk={self.lpips_trunk}, inputs in [-1, 1]",
-            "lpips_step": self.step, "lora_rank": self.lora_rank, "rppd": self.rppd,
-            "outlier_pair": self.outlier, "end_errors": self.end_errors,
-            "metrics": {"ppl_path_sum": ppl_path_sum(self.distances), "pdv": pdv(self.distances),
-                        "smoothness": smoothness(self.distances)},
-            "unet_evals": self.unet_evals, "seconds": round(self.seconds, 3),
-            "stages": {k: vars(v) for k, v in self.stats.items()}, "notes": self.notes,
-        }
-
-    def save(self, path: Union[str, Path], fps: float = 8.0) -> Path:
-        """Save by extension: .gif / .mp4 (animation), .png (strip), .json (summary)."""
-        from . import viz
-        return viz.save_result(self, path, fps=fps)
-
-    def save_all(self, out_dir: Union[str, Path], fps: float = 8.0) -> dict[str, Path]:
-        """Write morph.gif, morph.mp4, strip.png, frames/frame_XXX.png and morph.json."""
-        from . import viz
-        return viz.save_all(self, out_dir, fps=fps)
-
-
-def choose_schedule(config: MorphConfig, cache: FrameCache, distance) -> Schedule:
-    """The alphas and frames that ``config``'s schedule picks, rendering through ``cache``.
-
-    "uniform" and "beta" render ``config.frames`` fixed alphas; "reschedule" runs
-    :func:`~impus_lite.schedules.rescheduled_search`; "perceptual" runs IMPUS's search for the
-    LPIPS step, or :func:`~impus_lite.schedules.search_frame_count` when ``frames`` is set.
-    A trained :class:`Morpher` can try several schedules: ``FrameCache(morpher.render)``.
-    """
-    c = config
-    if c.schedule == "uniform":
-        return fixed_schedule(uniform_alphas(c.frames), cache, distance)
-    if c.schedule == "beta":
-        return fixed_schedule(beta_alphas(c.frames, c.beta_a, c.beta_b), cache, distance)
-    if c.schedule == "reschedule":
-        return rescheduled_search(cache, distance, c.frames, c.reschedule_passes,
-                                  rel_tol=c.lpips_tol / c.lpips_step, step=c.lpips_step,
-                                  max_frames=c.max_frames, damping=c.reschedule_damping)
-    if c.frames is not None:
-        return search_frame_count(cache, distance, c.frames, c.lpips_tol, c.search_candidates)
-    return perceptual_search(cache, distance, c.lpips_step, c.lpips_tol, c.search_candidates, c.max_frames)
 
 
 class Morpher:
@@ -189,21 +83,8 @@ class Morpher:
         self._digests = digests
 
     # ---- bookkeeping -----------------------------------------------------------------------
-    @contextlib.contextmanager
     def _stage(self, name: str):
-        stats = self.stats.setdefault(name, StageStats())
-        device = self.model.device
-        reset_peak_memory(device)
-        evals, calls, start = self.model.unet_evals, self.model.unet_calls, time.perf_counter()
-        try:
-            yield stats
-        finally:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            stats.seconds += time.perf_counter() - start
-            stats.peak_memory_mb = max(stats.peak_memory_mb, round(peak_memory_mb(device), 1))
-            stats.unet_evals += self.model.unet_evals - evals
-            stats.unet_calls += self.model.unet_calls - calls
+        return stage_clock(self.model, self.stats, name)
 
     def _once(self, name: str, compute):
         if name not in self._values:
@@ -482,5 +363,7 @@ class Morpher:
 def morph(model: DiffusionModel, image0: ImageLike, image1: ImageLike, prompt: str,
           config: Optional[MorphConfig] = None, cache_dir: Union[str, Path, None] = None,
           lpips: Optional[Lpips] = None, progress: bool = True) -> MorphResult:
-    """Morph ``image0`` into ``image1`` with IMPUS (all stages; see :class:`Morpher`)."""
-    return Morpher(model, image0, image1, prompt, config, cache_dir, lpips, progress).run()
+    """Morph ``image0`` into ``image1`` with ``config.method`` (default "impus": all stages of
+    :class:`Morpher`; the others in :mod:`impus_lite.methods`)."""
+    from .methods import run_method
+    return run_method(model, image0, image1, prompt, config, cache_dir, lpips, progress)

@@ -373,3 +373,25 @@ def rescheduled_search(cache: FrameCache, distance: Distance, frames: Optional[i
     if powers:
         best.notes.append("distance exponent per reschedule: " + ", ".join(f"{p:.2f}" for p in powers))
     return best
+
+
+def choose_schedule(config, cache: FrameCache, distance) -> Schedule:
+    """The alphas and frames that ``config``'s schedule picks, rendering through ``cache``.
+
+    ``config`` is a :class:`~impus_lite.config.MorphConfig`. "uniform" and "beta" render ``config.frames`` fixed alphas; "reschedule" runs
+    :func:`~impus_lite.schedules.rescheduled_search`; "perceptual" runs IMPUS's search for the
+    LPIPS step, or :func:`~impus_lite.schedules.search_frame_count` when ``frames`` is set.
+    A trained :class:`Morpher` can try several schedules: ``FrameCache(morpher.render)``.
+    """
+    c = config
+    if c.schedule == "uniform":
+        return fixed_schedule(uniform_alphas(c.frames), cache, distance)
+    if c.schedule == "beta":
+        return fixed_schedule(beta_alphas(c.frames, c.beta_a, c.beta_b), cache, distance)
+    if c.schedule == "reschedule":
+        return rescheduled_search(cache, distance, c.frames, c.reschedule_passes,
+                                  rel_tol=c.lpips_tol / c.lpips_step, step=c.lpips_step,
+                                  max_frames=c.max_frames, damping=c.reschedule_damping)
+    if c.frames is not None:
+        return search_frame_count(cache, distance, c.frames, c.lpips_tol, c.search_candidates)
+    return perceptual_search(cache, distance, c.lpips_step, c.lpips_tol, c.search_candidates, c.max_frames)

@@ -72,6 +72,7 @@ FIELD_CHANGES = {
     "reschedule_damping": 0.5,
     "batch_size": 1, "seed": 1, "resample": "bilinear", "precision": "bf16", "timestep_spacing": "leading",
     "rppd_probe": "reference", "lora_init": "kaiming", "max_lora_rank": 2,
+    "method": "slerp", "method_options": {"guidance": 2.0},
     # Fields read only under some schedules, checked against a base config that uses them:
     "lpips_step": 0.04, "lpips_tol": 0.02, "search_candidates": 3, "max_frames": 3,
     "beta_a": 5.0, "beta_b": 0.5,
@@ -87,6 +88,7 @@ BASES = {
     "reschedule_damping": dict(schedule="reschedule", reschedule_passes=2, frames=5, lpips_tol=0.0),
     "schedule": dict(reschedule_passes=3, frames=5, lpips_tol=0.0),
     "max_lora_rank": dict(lora_rank=4),
+    "method_options": dict(method="slerp"),
 }
 
 
@@ -136,6 +138,7 @@ def test_presets_hold_the_reference_numbers():
     (dict(schedule="uniform", frames=None), "needs a frame count"),
     (dict(timestep_spacing="linspace"), "Unknown timestep_spacing"), (dict(precision="fp8"), "Unknown precision"),
     (dict(rppd_probe="code"), "Unknown rppd_probe"), (dict(max_lora_rank=0), "max_lora_rank"),
+    (dict(method="morphing"), "Unknown method"),
 ])
 def test_bad_config_values(changes, message):
     with pytest.raises(InputError, match=message):
@@ -232,3 +235,12 @@ def test_a_huge_rppd_asks_for_a_bounded_rank(tiny_model, image_pair, lpips_rando
     small = Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(max_lora_rank=4), lpips=lpips_random,
                     progress=False)
     assert small.rank() == 4 and any("config.max_lora_rank" in note for note in small.notes)
+
+
+def test_a_method_rejects_options_it_does_not_have(tiny_model, image_pair, lpips_random):
+    from impus_lite.errors import InputError
+    with pytest.raises(InputError, match="has no option strength: its options are guidance"):
+        run(tiny_model, image_pair, TINY_CONFIG.replace(method="slerp", method_options={"strength": 1}),
+            lpips_random)
+    with pytest.raises(InputError, match="IMPUS takes no method_options"):
+        run(tiny_model, image_pair, TINY_CONFIG.replace(method_options={"guidance": 2.0}), lpips_random)

@@ -1,0 +1,127 @@
+"""What the methods other than IMPUS share: reading the inputs as the model sees them, their
+options, the notes on settings they ignore, the frame schedule and the result."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..cache import StageCache
+from ..config import MorphConfig
+from ..errors import InputError
+from ..images import ImageLike, load_image, tensor_digest, tensor_to_pil
+from ..models import DiffusionModel, pick_dtype
+from ..perceptual import Lpips, end_errors, load_lpips
+from ..result import MorphResult, StageStats, stage_clock
+from ..schedules import Schedule
+from ..text import check_prompt
+
+#: Fields every method honours.
+COMMON_FIELDS = frozenset({"method", "method_options", "size", "resize_mode", "resample",
+                           "precision", "seed", "batch_size"})
+
+
+def parse_options(options_class, method: str, given: Optional[dict]):
+    """``options_class`` (a dataclass of a method's defaults) updated with ``given``; an
+    unknown key raises one sentence naming the known ones."""
+    given = dict(given or {})
+    known = {f.name for f in dataclasses.fields(options_class)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise InputError(f"Method '{method}' has no option {', '.join(unknown)}: its options are "
+                         f"{', '.join(sorted(known))}.")
+    return options_class(**given)
+
+
+def ignored_fields(config: MorphConfig, uses: Sequence[str]) -> list[str]:
+    """Fields of ``config`` set away from the ``fast`` preset that a method does not read."""
+    reference = MorphConfig.preset("fast")
+    read = COMMON_FIELDS | set(uses)
+    return [f.name for f in dataclasses.fields(config)
+            if f.name not in read and getattr(config, f.name) != getattr(reference, f.name)]
+
+
+@dataclass
+class MethodRun:
+    """One pair being morphed by a method: the inputs as the model sees them, the stage costs,
+    the cache and the notes. Methods add stages with ``with run.stage("name"):``.
+
+    Attributes:
+        images: (2, 3, S, S) in [-1, 1], the two inputs cropped or resized to the model's size.
+        stats: per stage, a :class:`StageStats`.
+    """
+
+    model: DiffusionModel
+    images: torch.Tensor
+    prompt: str
+    config: MorphConfig
+    cache: StageCache
+    lpips: Lpips
+    progress: bool
+    digests: list[str]
+    stats: dict[str, StageStats] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def stage(self, name: str):
+        """Context manager adding the time, UNet evaluations and memory of a block to ``name``."""
+        return stage_clock(self.model, self.stats, name)
+
+    def latents(self) -> torch.Tensor:
+        """VAE latents (2, C, S/f, S/f) of both images (stage "encode")."""
+        with self.stage("encode"):
+            return self.model.encode(self.images)
+
+    def finish(self, schedule: Schedule, lora_rank: int = 0, step: Optional[float] = None) -> MorphResult:
+        """The :class:`MorphResult` of the chosen frames, with the end errors against the inputs
+        and against the VAE's reconstruction of them."""
+        with torch.no_grad():
+            recon = self.model.decode(self.model.encode(self.images)).cpu()
+        errors = end_errors(self.images, schedule.frames[[0, -1]], recon, self.lpips)
+        return MorphResult(
+            frames=tensor_to_pil(schedule.frames), images=schedule.frames, alphas=schedule.alphas,
+            distances=schedule.distances, config=self.config, prompt=self.prompt,
+            model_name=self.model.name, lpips_trunk=self.lpips.trunk, lora_rank=lora_rank,
+            rppd=None, outlier=False, step=step if step is not None else schedule.step,
+            end_errors=errors, stats=dict(self.stats), notes=self.notes + list(schedule.notes))
+
+
+def start_run(method: str, uses: Sequence[str], model: DiffusionModel, image0: ImageLike,
+              image1: ImageLike, prompt: str, config: MorphConfig,
+              cache_dir: Union[str, Path, None] = None, lpips: Optional[Lpips] = None,
+              progress: bool = True) -> MethodRun:
+    """Check the prompt and size, read both images as :class:`impus_lite.morph.Morpher` does,
+    cast the model to ``config.precision`` and note the fields ``method`` ignores."""
+    check_prompt(model, prompt)
+    size = config.size or model.resolution
+    if size % model.vae_scale_factor:
+        raise InputError(f"Image size {size} is not a multiple of the VAE factor {model.vae_scale_factor}.")
+    images = torch.cat([load_image(image, size, config.resize_mode, config.resample)
+                        for image in (image0, image1)])
+    model.remove_adapters()
+    notes = []
+    wanted = model.dtype if config.precision is None else pick_dtype(model.device, config.precision)
+    if wanted != model.dtype:
+        before = str(model.dtype).replace("torch.", "")
+        model.cast(wanted)
+        notes.append(f"weights cast from {before} to {config.precision} (config.precision)")
+    ignored = ignored_fields(config, uses)
+    if ignored:
+        notes.append(f"{method} does not use {', '.join(ignored)} (set in the config)")
+    return MethodRun(model=model, images=images, prompt=prompt, config=config,
+                     cache=StageCache(cache_dir), lpips=lpips or load_lpips(device=model.device),
+                     progress=progress, digests=[tensor_digest(images[i]) for i in range(2)],
+                     notes=notes)
+
+
+def frame_schedule(run: MethodRun, render: Callable[[Sequence[float]], torch.Tensor]) -> Schedule:
+    """The alphas ``run.config.schedule`` picks, rendering frames (K, 3, S, S) in [-1, 1] with
+    ``render(alphas)`` in batches of ``config.batch_size``, timed as stage "frames"."""
+    from ..schedules import FrameCache, choose_schedule
+
+    with run.stage("frames"):
+        cache = FrameCache(render, run.config.batch_size)
+        return choose_schedule(run.config, cache, run.lpips)

@@ -1,0 +1,114 @@
+"""What every morphing method returns: the frames, their alphas and distances, and the cost of
+each stage (seconds, UNet evaluations, peak memory). Also the clock that measures a stage."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .config import MorphConfig
+from .runtime import peak_memory_mb, reset_peak_memory
+
+
+@dataclass
+class StageStats:
+    """Cost of one stage: wall-clock seconds, UNet evaluations (latents through the UNet,
+    counting each branch of guidance), UNet calls (batches), peak memory in MB (the CUDA
+    allocator's peak during the stage on a GPU; the process's peak so far on a CPU, see
+    :func:`impus_lite.runtime.peak_memory_mb`), and whether its output came from the cache."""
+
+    seconds: float = 0.0
+    unet_evals: int = 0
+    unet_calls: int = 0
+    peak_memory_mb: float = 0.0
+    cached: bool = False
+
+
+@dataclass
+class MorphResult:
+    """The frames of a morph and how they were made.
+
+    Attributes:
+        frames: K RGB images; ``images`` the same as a tensor (K, 3, S, S) in [-1, 1].
+        alphas: K increasing floats from 0 to 1.
+        distances: K-1 consecutive LPIPS distances (trunk in ``lpips_trunk``).
+        lora_rank, rppd, outlier: the bottleneck chosen (rppd None when the rank was given).
+        end_errors: frame 0 against input A and the last frame against input B (LPIPS and PSNR
+            in dB, inputs as the model sees them), next to the VAE's own reconstruction of the
+            inputs (``vae_*``), the floor no morph can beat (see :func:`perceptual.end_errors`).
+        stats: per stage, seconds and UNet evaluations.
+    """
+
+    frames: list
+    images: torch.Tensor
+    alphas: list[float]
+    distances: list[float]
+    config: MorphConfig
+    prompt: str
+    model_name: str
+    lpips_trunk: str
+    lora_rank: int
+    rppd: Optional[float]
+    outlier: bool
+    step: Optional[float]
+    end_errors: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, StageStats] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def unet_evals(self) -> int:
+        return sum(s.unet_evals for s in self.stats.values())
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.stats.values())
+
+    def summary(self) -> dict:
+        """Everything but the pixels, JSON-serialisable."""
+        from . import __version__
+        from .perceptual import pdv, ppl_path_sum, smoothness
+        return {
+            "impus_lite": __version__, "model": self.model_name, "prompt": self.prompt,
+            "config": self.config.to_dict(), "alphas": self.alphas, "distances": self.distances,
+            "lpips": f"alex, trunk={self.lpips_trunk}, inputs in [-1, 1]",
+            "lpips_step": self.step, "lora_rank": self.lora_rank, "rppd": self.rppd,
+            "outlier_pair": self.outlier, "end_errors": self.end_errors,
+            "metrics": {"ppl_path_sum": ppl_path_sum(self.distances), "pdv": pdv(self.distances),
+                        "smoothness": smoothness(self.distances)},
+            "unet_evals": self.unet_evals, "seconds": round(self.seconds, 3),
+            "stages": {k: vars(v) for k, v in self.stats.items()}, "notes": self.notes,
+        }
+
+    def save(self, path: Union[str, Path], fps: float = 8.0) -> Path:
+        """Save by extension: .gif / .mp4 (animation), .png (strip), .json (summary)."""
+        from . import viz
+        return viz.save_result(self, path, fps=fps)
+
+    def save_all(self, out_dir: Union[str, Path], fps: float = 8.0) -> dict[str, Path]:
+        """Write morph.gif, morph.mp4, strip.png, frames/frame_XXX.png and morph.json."""
+        from . import viz
+        return viz.save_all(self, out_dir, fps=fps)
+
+
+@contextlib.contextmanager
+def stage_clock(model, stats: dict, name: str):
+    """Add the seconds, UNet evaluations and calls, and peak memory spent inside the ``with``
+    block to ``stats[name]`` (a :class:`StageStats`, created if missing); yields it."""
+    stage = stats.setdefault(name, StageStats())
+    device = model.device
+    reset_peak_memory(device)
+    evals, calls, start = model.unet_evals, model.unet_calls, time.perf_counter()
+    try:
+        yield stage
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stage.seconds += time.perf_counter() - start
+        stage.peak_memory_mb = max(stage.peak_memory_mb, round(peak_memory_mb(device), 1))
+        stage.unet_evals += model.unet_evals - evals
+        stage.unet_calls += model.unet_calls - calls
