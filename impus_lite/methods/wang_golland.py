@@ -1,0 +1,436 @@
+"""Diff.Interp: Wang & Golland, "Interpolating between images with diffusion models" (2023,
+https://arxiv.org/abs/2307.12560), reimplemented on diffusers after the authors' public code
+(github.com/clintonjwang/ControlNet, ``cm.py``, ``ContextManager.interpolate_qc``, the function
+their sample scripts call). No inversion and no training of the UNet:
+
+    z_0, z_1 = E(x_0), E(x_1)                      VAE latents of the inputs (the tree's ends)
+    frame(a) = D(z(a)),   z(0) = z_0,  z(1) = z_1
+    z(a) = best of c(a) candidates  DDIM_{n(a) steps}( slerp(q_t(z(l)), q_t(z(r)), f), e(a), w )
+
+with ``q_t(z) = sqrt(abar_t) z + sqrt(1 - abar_t) eps`` the forward noising to the level ``t(a)``
+(one ``eps`` per candidate, shared by both parents), ``e(a) = slerp(e_0, e_1, a)`` the
+interpolated optimised text embeddings, guidance ``w`` against the negative prompt, and the
+candidates ranked by CLIP (or, offline, by LPIPS).
+
+**The tree.** Frames are made coarse to fine. The middle frame (a = 1/2) is interpolated from
+the two inputs at the highest noise level; a = 1/4 and 3/4 from an input and the middle frame at
+a lower one; and so on down to depth L, where every frame lies next to frames already made. A
+dyadic alpha ``a = k / 2^d`` (k odd) of depth ``d(a) <= L`` has parents ``l, r = a -+ 2^-d`` and
+``f = 1/2`` (their ``bias = 0``). The code needs ``2^L + 1`` uniform frames; here any alpha
+works: an alpha off the depth-L grid (depth L + 1) is interpolated between its two depth-L
+neighbours at ``f = (a - l) 2^L``, at the finest level. ``L`` is ``ceil(log2(frames - 1))``
+(their 17 frames: L = 4), or ``Options.levels``.
+
+**The noise level t(a)** (the schedule of ``interpolate_qc`` with ``schedule_type="linear"``).
+On a DDIM grid of S sampling steps ``tau_0 > tau_1 > ... > tau_{S-1}``, a frame is noised to
+``t(a) = tau_{S - n(a)}`` and denoised by the last ``n(a)`` steps of the grid, where
+
+    n(a) = 0                                                          a in {0, 1}
+    n(a) = max(1, floor(s_min + (s_max - s_min) (L - min(d(a), L)) / (L - 1)))   otherwise
+    s_min = floor(S * min_noise),  s_max = floor(S * max_noise)       (L = 1: n = s_min)
+
+so the middle frame (d = 1) gets ``s_max`` steps, the frames next to the ends (d = L) and all
+off-grid frames ``s_min``, and the inputs none: the level falls towards the ends, linearly in
+the depth. Their defaults: ``min_noise = 0.3``, ``max_noise = 0.55`` of a 250-step grid (the
+sample scripts use 200 steps and per-pair fractions between 0.25 and 0.8). Their sampler noises
+to ascending grid index ``s`` and starts denoising two grid steps lower (ldm's DDIM sampler with
+``timesteps=s`` runs ``s - 1`` steps); here the first denoising step reads the level the frame
+was noised to. ``n >= 1`` keeps a frame from being a plain latent blend on very short grids.
+
+**Candidates.** ``candidates`` per frame at depth 1, one fewer per level below, never fewer than
+``min_candidates`` (theirs: 8, then ``max(n - 1, 3)``, which raises a count below 3 to 3; here a
+count never rises). The code ranks them with OpenAI CLIP ViT-L/14 by
+``cos(f(x), g(positive)) - cos(f(x), g(negative))`` for two quality prompts ("clip-prompts"),
+feeding the decoded image in [-1, 1] resized to 224 without CLIP's normalisation; here
+transformers' ``CLIPModel`` gets CLIP's own preprocessing (the image in [0, 1], resized and
+centre-cropped, mean/std normalised). "clip-inputs" ranks by the alpha-weighted image
+similarity to the two inputs, ``(1 - a) cos(f(x), f(x_0)) + a cos(f(x), f(x_1))``. Without CLIP
+weights (they cannot be downloaded offline) the ranking is "lpips-inputs":
+``-[(1 - a) LPIPS(x, x_0) + a LPIPS(x, x_1)]``, the frame nearest the alpha-weighted pair (LPIPS
+as everywhere in impus_lite: AlexNet, [-1, 1]; its trunk is named). The result's notes say which
+ranking ran and why.
+
+**Text.** Their ``learn_conditioning`` starts both embeddings from the prompt and runs one Adam
+(lr 1e-4, 200-500 iterations in the sample scripts) over the two embeddings *and the negative
+prompt's*, one step per image per iteration, on the guided noise prediction (w = 7.5), with t
+from the middle third of the DDIM grid and augmented images (colour jitter, random resized crop
+0.7-1). Here each image's embedding is optimised alone by :func:`impus_lite.text.optimize_embedding`
+(the plain conditional loss, t uniform in [0, 1000), no augmentation, the negative embedding
+fixed), for ``config.text_steps`` steps at ``config.text_lr``: the same stage, and the same cache
+entries, as IMPUS's.
+
+Also departing from the code: DDIM with eta = 0 (the scripts mostly use 0.1: random frames); the
+end frames are the inputs' VAE round trips (the code saves the input files themselves), like
+every method here; the candidates' noise is seeded per frame from ``config.seed`` and the alpha,
+so a frame does not depend on the order frames are rendered in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..cache import stage_key
+from ..errors import InputError
+from ..interp import slerp
+from ..inversion import guidance_noise
+from ..text import encode_prompt, optimize_embedding
+from .base import MethodRun, frame_schedule, parse_options, start_run
+
+NAME = "wang-golland"
+#: MorphConfig fields Diff.Interp reads besides the common ones.
+USES = ("timestep_spacing", "text_steps", "text_lr", "sample_steps", "schedule", "frames",
+        "lpips_step", "lpips_tol", "search_candidates", "reschedule_passes", "reschedule_damping",
+        "beta_a", "beta_b", "max_frames")
+#: Candidate rankings: CLIP against quality prompts (the code's), CLIP against the inputs, and
+#: the offline LPIPS ranking.
+RANKINGS = ("clip-prompts", "clip-inputs", "lpips-inputs")
+#: The depth of the tree when ``config.frames`` is not set: their 17 frames.
+DEFAULT_LEVELS = 4
+
+
+@dataclass(frozen=True)
+class Options:
+    """Diff.Interp's settings; defaults are ``interpolate_qc``'s and its sample scripts'.
+
+    Attributes:
+        min_noise, max_noise: fractions of the DDIM grid that denoise the finest and the middle
+            frames (``min_steps``, ``max_steps``: 0.3 and 0.55).
+        levels: depth L of the tree; None = ``ceil(log2(config.frames - 1))``, or 4 (their 17
+            frames) when ``config.frames`` is None.
+        candidates, min_candidates: candidates at depth 1, and the fewest at any depth (8, 3).
+        guidance: classifier-free guidance against ``negative_prompt`` (7.5).
+        negative_prompt: the unconditional branch's prompt (their alien pair's ``n_prompt``).
+        ranking: one of :data:`RANKINGS`; the CLIP ones fall back to "lpips-inputs" when
+            ``clip_model`` does not load.
+        clip_model: hub id or folder of a transformers CLIP model (their ViT-L/14); None = no
+            CLIP, rank with LPIPS.
+        rank_prompt: the positive quality prompt of "clip-prompts"; None = the morph's prompt.
+        rank_negative_prompt: its negative quality prompt (their scripts' most common one).
+    """
+
+    min_noise: float = 0.3
+    max_noise: float = 0.55
+    levels: Optional[int] = None
+    candidates: int = 8
+    min_candidates: int = 3
+    guidance: float = 7.5
+    negative_prompt: str = "text, signature, logo, watermark, lowres, complicated, low quality"
+    ranking: str = "clip-prompts"
+    clip_model: Optional[str] = "openai/clip-vit-large-patch14"
+    rank_prompt: Optional[str] = None
+    rank_negative_prompt: str = "lowres, distorted, ugly, blurry, low quality"
+
+    def __post_init__(self):
+        if not 0.0 < self.min_noise <= self.max_noise <= 1.0:
+            raise InputError(f"wang-golland needs 0 < min_noise <= max_noise <= 1, got "
+                             f"{self.min_noise} and {self.max_noise}.")
+        if self.levels is not None and self.levels < 1:
+            raise InputError(f"wang-golland's levels must be >= 1 or None, got {self.levels}.")
+        if self.candidates < 1 or self.min_candidates < 1:
+            raise InputError(f"wang-golland needs at least one candidate per frame, got "
+                             f"candidates={self.candidates}, min_candidates={self.min_candidates}.")
+        if self.ranking not in RANKINGS:
+            raise InputError(f"Unknown ranking '{self.ranking}': use one of {', '.join(RANKINGS)}.")
+
+
+# ---- the tree and its noise schedule ----------------------------------------------------------
+
+def tree_levels(options: Options, frames: Optional[int]) -> int:
+    """The depth L of the tree: ``options.levels``, else ``ceil(log2(frames - 1))`` (at least
+    1), else :data:`DEFAULT_LEVELS`."""
+    if options.levels is not None:
+        return options.levels
+    if frames is None:
+        return DEFAULT_LEVELS
+    return max(1, math.ceil(math.log2(frames - 1)))
+
+
+def tree_depth(alpha: float, levels: int) -> int:
+    """``d(a)``: 0 for the ends, the smallest d <= L with ``a 2^d`` an integer, else L + 1."""
+    if alpha <= 0.0 or alpha >= 1.0:
+        return 0
+    for depth in range(1, levels + 1):
+        scaled = alpha * 2 ** depth
+        if abs(scaled - round(scaled)) < 1e-9:
+            return depth
+    return levels + 1
+
+
+def tree_parents(alpha: float, levels: int) -> tuple[float, float, float]:
+    """``(l, r, f)``: the two frames ``z(a)`` is interpolated from and the slerp fraction
+    between them (see the module docstring). Only for 0 < a < 1."""
+    depth = tree_depth(alpha, levels)
+    if depth == 0:
+        raise ValueError("The end frames have no parents.")
+    if depth <= levels:
+        k = round(alpha * 2 ** depth)
+        return (k - 1) / 2 ** depth, (k + 1) / 2 ** depth, 0.5
+    k = math.floor(alpha * 2 ** levels)
+    return k / 2 ** levels, (k + 1) / 2 ** levels, alpha * 2 ** levels - k
+
+
+def tree_alpha(alpha: float, levels: int) -> float:
+    """``alpha`` snapped to its dyadic value ``k / 2^d`` when it is one (within 1e-9)."""
+    depth = tree_depth(alpha, levels)
+    if depth == 0:
+        return 0.0 if alpha <= 0 else 1.0
+    if depth <= levels:
+        return round(alpha * 2 ** depth) / 2 ** depth
+    return float(alpha)
+
+
+def noise_steps(alpha: float, levels: int, steps: int, min_noise: float = 0.3,
+                max_noise: float = 0.55) -> int:
+    """``n(a)``, the DDIM steps that denoise the frame at ``alpha`` (the module docstring's
+    equation); the frame is noised to the level of the first of them."""
+    depth = tree_depth(alpha, levels)
+    if depth == 0:
+        return 0
+    low, high = int(steps * min_noise), int(steps * max_noise)
+    if levels == 1:
+        n = low
+    else:
+        n = int(low + (high - low) * (levels - min(depth, levels)) / (levels - 1))
+    return max(1, min(steps, n))
+
+
+def noise_timestep(scheduler, alpha: float, levels: int, steps: int, min_noise: float = 0.3,
+                   max_noise: float = 0.55) -> int:
+    """``t(a) = tau_{S - n(a)}`` on the grid of ``scheduler`` (a diffusers ``DDIMScheduler``)
+    set to ``steps`` steps; 0 for the ends, which are not noised."""
+    n = noise_steps(alpha, levels, steps, min_noise, max_noise)
+    if n == 0:
+        return 0
+    scheduler.set_timesteps(steps)
+    return int(scheduler.timesteps[steps - n])
+
+
+def candidates_at(depth: int, options: Options) -> int:
+    """Candidates per frame at tree depth ``depth`` >= 1: ``candidates - (depth - 1)``, at least
+    ``min_candidates`` and at most ``candidates``."""
+    return min(options.candidates, max(options.candidates - (depth - 1), options.min_candidates))
+
+
+# ---- ranking ------------------------------------------------------------------------------------
+
+_CLIP_CACHE: dict = {}
+
+
+class ClipScorer:
+    """CLIP image and text features from transformers' ``CLIPModel`` (unit vectors).
+
+    Images are (B, 3, H, W) in [-1, 1]; they are mapped to [0, 1], resized (bicubic) so the
+    shorter side is the model's image size, centre-cropped and normalised with CLIP's mean and
+    standard deviation."""
+
+    def __init__(self, source: str, device: torch.device):
+        from transformers import AutoTokenizer, CLIPModel
+
+        from ..perceptual import _offline
+
+        self.model = CLIPModel.from_pretrained(source, local_files_only=_offline()).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=_offline())
+        self.device = device
+        self.size = int(self.model.config.vision_config.image_size)
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        x = (images.float().to(self.device) + 1) / 2
+        h, w = x.shape[-2:]
+        scale = self.size / min(h, w)
+        x = torch.nn.functional.interpolate(x, size=(max(self.size, round(h * scale)),
+                                                     max(self.size, round(w * scale))),
+                                            mode="bicubic", align_corners=False).clamp(0, 1)
+        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        x = x[..., top:top + self.size, left:left + self.size]
+        mean = torch.tensor(OPENAI_CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_CLIP_STD, device=self.device).view(1, 3, 1, 1)
+        features = self.model.get_image_features(pixel_values=(x - mean) / std)
+        return torch.nn.functional.normalize(_tensor(features).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        features = self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()})
+        return torch.nn.functional.normalize(_tensor(features).float(), dim=-1)
+
+
+def _tensor(output) -> torch.Tensor:
+    """The features of ``get_*_features`` (a tensor, or an output object in newer transformers)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def load_clip(source: str, device: torch.device) -> ClipScorer:
+    """A shared :class:`ClipScorer` per (source, device); raises when the weights do not load."""
+    key = (source, str(device))
+    if key not in _CLIP_CACHE:
+        _CLIP_CACHE[key] = ClipScorer(source, device)
+    return _CLIP_CACHE[key]
+
+
+Scorer = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def make_scorer(run: MethodRun, options: Options) -> tuple[Scorer, str]:
+    """``(score, description)``: ``score(images (C, 3, S, S) in [-1, 1], alpha) -> (C,)``,
+    higher is better, and one sentence naming the ranking that runs (and why, on a fallback)."""
+    inputs = run.images
+    fallback = ""
+    if options.ranking != "lpips-inputs":
+        if options.clip_model is None:
+            fallback = "no clip_model was given"
+        else:
+            try:
+                clip = load_clip(options.clip_model, run.model.device)
+            except Exception as error:  # offline, missing folder, not a CLIP model
+                fallback = f"CLIP '{options.clip_model}' could not be loaded ({type(error).__name__})"
+        if not fallback and options.ranking == "clip-prompts":
+            positive = options.rank_prompt or run.prompt
+            text = clip.text_features([positive, options.rank_negative_prompt])
+
+            def score(images, alpha):
+                f = clip.image_features(images)
+                return (f @ text[0] - f @ text[1]).cpu()
+            return score, (f"candidates ranked by CLIP '{options.clip_model}': cos(image, "
+                           f"'{positive}') - cos(image, '{options.rank_negative_prompt}') (clip-prompts)")
+        if not fallback:
+            ends = clip.image_features(inputs)
+
+            def score(images, alpha):
+                f = clip.image_features(images)
+                return ((1 - alpha) * (f @ ends[0]) + alpha * (f @ ends[1])).cpu()
+            return score, (f"candidates ranked by CLIP '{options.clip_model}': alpha-weighted "
+                           "cosine similarity to the two inputs (clip-inputs)")
+
+    def score(images, alpha):
+        d0 = run.lpips(images, inputs[0:1])
+        d1 = run.lpips(images, inputs[1:2])
+        return -((1 - alpha) * d0 + alpha * d1)
+    reason = f" instead of {options.ranking}: {fallback}" if fallback else ""
+    return score, (f"candidates ranked offline by alpha-weighted LPIPS to the two inputs "
+                   f"(lpips-inputs, trunk {run.lpips.trunk}){reason}")
+
+
+# ---- rendering --------------------------------------------------------------------------------
+
+def _frame_generator(seed: int, alpha: float) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{alpha!r}".encode()).hexdigest()
+    return torch.Generator().manual_seed(int(digest[:15], 16))
+
+
+def denoise_tail(model, noisy: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                 guidance: float, steps: int, n: int, spacing: Optional[str]) -> torch.Tensor:
+    """The last ``n`` steps of a ``steps``-step DDIM grid (eta = 0) with guidance, from latents
+    (B, 4, h, w) noised to the first of them; cond (B, L, D), uncond (1, L, D)."""
+    scheduler = model.ddim_scheduler(spacing)
+    scheduler.set_timesteps(steps, device=model.device)
+    z = noisy.float().to(model.device)
+    w = torch.full((z.shape[0],), float(guidance))
+    for t in scheduler.timesteps[steps - n:]:
+        eps = guidance_noise(model, z, t, cond, uncond, w, None, None)
+        z = scheduler.step(eps, t, z).prev_sample.float()
+    return z
+
+
+class FrameTree:
+    """The frames made so far, by alpha: latents (1, 4, h, w) and images (3, S, S) in [-1, 1].
+
+    :meth:`render` makes any alphas, first making the parents they need, depth by depth, in
+    batches of ``batch_size`` frames (times their candidates) through the UNet."""
+
+    def __init__(self, model, latents, embeddings, uncond, options: Options, levels: int,
+                 steps: int, spacing: Optional[str], seed: int, batch_size: int, score: Scorer):
+        self.model, self.embeddings, self.uncond = model, embeddings, uncond
+        self.options, self.levels, self.steps, self.spacing = options, levels, steps, spacing
+        self.seed, self.batch_size, self.score = seed, batch_size, score
+        ends = model.decode(latents).cpu()
+        self.latents = {0.0: latents[0:1], 1.0: latents[1:2]}
+        self.images = {0.0: ends[0], 1.0: ends[1]}
+
+    def _needed(self, alphas: Sequence[float]) -> dict[int, list[float]]:
+        todo: dict[int, list[float]] = {}
+        stack = [tree_alpha(a, self.levels) for a in alphas]
+        seen = set()
+        while stack:
+            a = stack.pop()
+            if a in self.latents or a in seen:
+                continue
+            seen.add(a)
+            todo.setdefault(tree_depth(a, self.levels), []).append(a)
+            left, right, _ = tree_parents(a, self.levels)
+            stack += [left, right]
+        return {d: sorted(todo[d]) for d in sorted(todo)}
+
+    def _make(self, alphas: list[float], depth: int) -> None:
+        o, model = self.options, self.model
+        count = candidates_at(depth, o)
+        n = noise_steps(alphas[0], self.levels, self.steps, o.min_noise, o.max_noise)
+        scheduler = model.ddim_scheduler(self.spacing)
+        t = torch.tensor(noise_timestep(scheduler, alphas[0], self.levels, self.steps, o.min_noise,
+                                        o.max_noise))
+        noisy, cond = [], []
+        for a in alphas:
+            left, right, fraction = tree_parents(a, self.levels)
+            eps = torch.randn((count, *self.latents[left].shape[1:]),
+                              generator=_frame_generator(self.seed, a))
+            pair = [scheduler.add_noise(self.latents[side].float().cpu().expand_as(eps), eps, t)
+                    for side in (left, right)]
+            noisy.append(torch.stack([slerp(pair[0][i], pair[1][i], fraction) for i in range(count)]))
+            cond.append(slerp(self.embeddings[0:1], self.embeddings[1:2], a).expand(count, -1, -1))
+        out = denoise_tail(model, torch.cat(noisy), torch.cat(cond), self.uncond, o.guidance,
+                           self.steps, n, self.spacing)
+        images = model.decode(out).cpu()
+        for i, a in enumerate(alphas):
+            rows = slice(i * count, (i + 1) * count)
+            best = 0 if count == 1 else int(torch.argmax(self.score(images[rows], a)))
+            self.latents[a] = out[rows][best:best + 1]
+            self.images[a] = images[rows][best]
+
+    def render(self, alphas: Sequence[float]) -> torch.Tensor:
+        """Frames (K, 3, S, S) in [-1, 1] at ``alphas``."""
+        for depth, todo in self._needed(alphas).items():
+            for start in range(0, len(todo), self.batch_size):
+                self._make(todo[start:start + self.batch_size], depth)
+        return torch.stack([self.images[tree_alpha(a, self.levels)] for a in alphas])
+
+
+def run(model, image0, image1, prompt, config, cache_dir=None, lpips=None, progress=True):
+    """Morph by Diff.Interp; returns a MorphResult (stages encode, text, ranking, frames)."""
+    options = parse_options(Options, NAME, config.method_options)
+    run = start_run(NAME, USES, model, image0, image1, prompt, config, cache_dir, lpips, progress)
+    c = config
+    latents = run.latents()
+    base = encode_prompt(model, prompt)
+    embeddings = []
+    with run.stage("text") as stats:
+        for i in range(2):
+            key = stage_key("text", image=run.digests[i], steps=c.text_steps, lr=c.text_lr,
+                            seed=c.seed, model=model.fingerprint, dtype=str(model.dtype), prompt=prompt)
+            cached = run.cache.load("text", key)
+            if cached is None:
+                result = optimize_embedding(model, latents[i:i + 1], base, c.text_steps, c.text_lr,
+                                            seed=c.seed + i, progress=progress, desc=f"text embedding {i}")
+                cached = {"embedding": result.embedding.cpu(), "losses": torch.tensor(result.losses)}
+                run.cache.save("text", key, cached)
+            else:
+                stats.cached = True
+            embeddings.append(cached["embedding"].to(model.device))
+    uncond = encode_prompt(model, options.negative_prompt, allow_empty=True)
+    with run.stage("ranking"):
+        score, ranking = make_scorer(run, options)
+    levels = tree_levels(options, c.frames)
+    run.notes.append(ranking)
+    n_middle, n_finest = (noise_steps(a, levels, c.sample_steps, options.min_noise, options.max_noise)
+                          for a in (0.5, 2.0 ** -levels))
+    run.notes.append(f"tree of depth {levels}: {n_middle} (middle frame) to {n_finest} (finest) "
+                     f"denoising steps of {c.sample_steps}")
+    tree = FrameTree(model, latents, torch.cat(embeddings), uncond, options, levels, c.sample_steps,
+                     c.timestep_spacing, c.seed, c.batch_size, score)
+    return run.finish(frame_schedule(run, tree.render))
