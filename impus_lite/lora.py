@@ -27,6 +27,7 @@ from .config import LORA_INITS
 from .errors import InputError
 from .models import DiffusionModel
 from .precision import loss_scaler
+from .runtime import trains_images_together
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 COND_ADAPTER = "cond"
@@ -106,8 +107,10 @@ def train_lora(model: DiffusionModel, name: str, latents: Sequence[torch.Tensor]
 
     Each step draws one t and eps per image and minimises the sum of the per-image diffusion
     losses ``sum_i || eps - eps_theta+BA(z_i,t, t, e_i) ||^2``. Only the adapter's A and B
-    matrices change. Each image's loss is back-propagated on its own (the gradients add up to
-    those of the sum), so the peak memory holds one image's activations, not all of them.
+    matrices change. Small latents (:func:`impus_lite.runtime.trains_images_together`) go
+    through one batched UNet call per step; larger ones are back-propagated one image at a time
+    (the gradients add up to those of the sum), so the peak memory holds one image's
+    activations. The draws are the same either way (image 0's t and eps, then image 1's, ...).
     Through an fp16 UNet the losses are scaled (:func:`impus_lite.precision.loss_scaler`).
 
     Args:
@@ -128,13 +131,20 @@ def train_lora(model: DiffusionModel, name: str, latents: Sequence[torch.Tensor]
     scaler = loss_scaler(model)
     generator = torch.Generator().manual_seed(seed)
     losses = []
+    stacked_latents = torch.cat([z.to(latents[0].device) for z in latents])
+    stacked_embeddings = torch.cat([e.to(embeddings[0].device) for e in embeddings])
+    together = len(latents) > 1 and trains_images_together(stacked_latents)
     model.unet.train()
     try:
         with model.using_adapter(name):
             for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
                 optimizer.zero_grad(set_to_none=True)
                 total = 0.0
-                for z, e in zip(latents, embeddings):   # one image's graph in memory at a time;
+                if together:
+                    losses_now = model.diffusion_losses(stacked_latents, stacked_embeddings, generator)
+                    scaler.scale(losses_now.sum()).backward()
+                    total = float(losses_now.detach().sum())
+                for z, e in ([] if together else zip(latents, embeddings)):  # one graph at a time;
                     loss = model.diffusion_loss(z, e, generator)
                     scaler.scale(loss).backward()         # gradients of the sum accumulate
                     total += float(loss.detach())

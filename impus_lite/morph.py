@@ -31,7 +31,7 @@ from .models import DiffusionModel, pick_dtype
 from .perceptual import Lpips, end_errors, load_lpips, rppd_probe
 from .result import MorphResult, StageStats, stage_clock
 from .schedules import FrameCache, Schedule, choose_schedule
-from .text import check_prompt, encode_prompt, optimize_embedding, unconditional_embedding
+from .text import check_prompt, encode_prompt, optimize_embeddings, unconditional_embedding
 
 STAGES = ("encode", "text", "inversion", "rppd", "lora", "reinversion", "frames")
 
@@ -135,43 +135,41 @@ class Morpher:
         """Stage 2: one optimised embedding per image, (2, L, D); the prompt's when text_steps=0."""
         def compute():
             latents, base, keys = self.latents(), self.prompt_embedding(), self._keys()["text"]
-            out = []
+            c = self.config
             with self._stage("text") as stats:
+                found = [self.cache.load("text", key) for key in keys]
+                missing = [i for i in range(2) if found[i] is None]
+                stats.cached = len(missing) < 2
+                if missing:  # the images still to optimise, in one batched call per step
+                    results = optimize_embeddings(
+                        self.model, latents[missing], base, c.text_steps, c.text_lr,
+                        seeds=[c.seed + i for i in missing], progress=self.progress,
+                        desc=f"text embedding{'s' if len(missing) > 1 else ' ' + str(missing[0])}")
+                    for i, result in zip(missing, results):
+                        found[i] = {"embedding": result.embedding.cpu(),
+                                    "losses": torch.tensor(result.losses)}
+                        self.cache.save("text", keys[i], found[i])
                 for i in range(2):
-                    cached = self.cache.load("text", keys[i])
-                    if cached is None:
-                        result = optimize_embedding(
-                            self.model, latents[i:i + 1], base, self.config.text_steps,
-                            self.config.text_lr, seed=self.config.seed + i, progress=self.progress,
-                            desc=f"text embedding {i}")
-                        cached = {"embedding": result.embedding.cpu(),
-                                  "losses": torch.tensor(result.losses)}
-                        self.cache.save("text", keys[i], cached)
-                    else:
-                        stats.cached = True
-                    self._values[f"text_losses{i}"] = cached["losses"].tolist()
-                    out.append(cached["embedding"].to(self.model.device))
-            return torch.cat(out)
+                    self._values[f"text_losses{i}"] = found[i]["losses"].tolist()
+            return torch.cat([f["embedding"] for f in found]).to(self.model.device)
         return self._once("embeddings", compute)
 
     # ---- stages 3 and 7 -------------------------------------------------------------------
     def _invert(self, stage: str, keys: Sequence[str], adapter: Optional[str]) -> torch.Tensor:
         latents, embeddings = self.latents(), self.embeddings()
-        codes = []
         with self._stage(stage) as stats:
-            for i in range(2):
-                cached = self.cache.load(stage, keys[i])
-                if cached is None:
-                    code = ddim_invert(self.model, latents[i:i + 1], embeddings[i:i + 1],
-                                       self.config.inversion_steps, adapter=adapter,
-                                       progress=self.progress, desc=f"{stage} {i}",
-                                       timestep_spacing=self.config.timestep_spacing)
-                    cached = {"code": code.cpu()}
-                    self.cache.save(stage, keys[i], cached)
-                else:
-                    stats.cached = True
-                codes.append(cached["code"].to(self.model.device))
-        return torch.cat(codes)
+            found = [self.cache.load(stage, key) for key in keys]
+            missing = [i for i in range(2) if found[i] is None]
+            stats.cached = len(missing) < 2
+            if missing:  # both images in one batched call: the ODE acts on each independently
+                codes = ddim_invert(self.model, latents[missing], embeddings[missing],
+                                    self.config.inversion_steps, adapter=adapter,
+                                    progress=self.progress, desc=stage,
+                                    timestep_spacing=self.config.timestep_spacing)
+                for i, code in zip(missing, codes):
+                    found[i] = {"code": code[None].cpu()}
+                    self.cache.save(stage, keys[i], found[i])
+        return torch.cat([f["code"] for f in found]).to(self.model.device)
 
     def base_codes(self) -> torch.Tensor:
         """Stage 3: DDIM codes (2, 4, h, w) of both images under the un-adapted model."""

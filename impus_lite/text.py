@@ -13,6 +13,7 @@ two embeddings that each reconstruct their own image well.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from .errors import InputError
 from .models import DiffusionModel
 from .precision import loss_scaler
+from .runtime import trains_images_together
 
 
 def check_prompt_not_empty(prompt: str) -> None:
@@ -87,22 +89,48 @@ def optimize_embedding(model: DiffusionModel, latents: torch.Tensor, embedding: 
         latents: (1, 4, h, w) latent of one image.
         embedding: (1, L, D) starting embedding (the shared prompt's).
     """
+    return optimize_embeddings(model, latents, embedding, steps, lr, [seed], progress, desc)[0]
+
+
+def optimize_embeddings(model: DiffusionModel, latents: torch.Tensor, embedding: torch.Tensor,
+                        steps: int, lr: float = 2e-3, seeds: Sequence[int] = (0,),
+                        progress: bool = True, desc: str = "text embedding") -> list[OptimizedEmbedding]:
+    """:func:`optimize_embedding` for B images at once, in one batched UNet call per step.
+
+    Image i starts from ``embedding`` and draws its t and eps from ``seeds[i]``, so each result
+    is what :func:`optimize_embedding` gives for that image alone (up to float rounding): the
+    loss is the sum of the per-image losses, whose gradient for embedding i is image i's own,
+    and Adam's update is elementwise. Latents larger than
+    :data:`impus_lite.runtime.BATCHED_TRAINING_CELLS` are optimised one image after another.
+
+    Args:
+        latents: (B, 4, h, w), one latent per image; seeds: B seeds.
+        embedding: (1, L, D) starting embedding.
+    Returns:
+        B :class:`OptimizedEmbedding`, in the order of ``latents``.
+    """
     if steps < 0:
         raise InputError(f"Text optimisation steps must be >= 0, got {steps}.")
-    param = torch.nn.Parameter(embedding.detach().clone().float())
-    result = OptimizedEmbedding(param.detach())
-    if steps == 0:
-        return result
-    optimizer = torch.optim.Adam([param], lr=lr)
-    scaler = loss_scaler(model)
-    generator = torch.Generator().manual_seed(seed)
-    with model.using_adapter(None):
-        for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-            loss = model.diffusion_loss(latents, param, generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            result.losses.append(float(loss.detach()))
-    result.embedding = param.detach().clone()
-    return result
+    count = latents.shape[0]
+    if len(seeds) != count:
+        raise InputError(f"optimize_embeddings needs one seed per image, got {len(seeds)} for {count}.")
+    if count > 1 and not trains_images_together(latents):  # bound the memory: one at a time
+        return [optimize_embeddings(model, latents[i:i + 1], embedding, steps, lr, [seeds[i]],
+                                    progress, f"{desc} {i}")[0] for i in range(count)]
+    param = torch.nn.Parameter(embedding.detach().float().expand(count, -1, -1).clone())
+    losses: list[list[float]] = [[] for _ in range(count)]
+    if steps > 0:
+        optimizer = torch.optim.Adam([param], lr=lr)
+        scaler = loss_scaler(model)
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        with model.using_adapter(None):
+            for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+                per_image = model.diffusion_losses(latents, param, generators)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(per_image.sum()).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                for i, value in enumerate(per_image.detach().tolist()):
+                    losses[i].append(value)
+    final = param.detach().clone()
+    return [OptimizedEmbedding(final[i:i + 1], losses[i]) for i in range(count)]

@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -80,11 +82,16 @@ def _peak_saved_bytes(model, images):
     return meter.peak
 
 
-def test_lora_training_holds_one_image_of_activations_at_a_time(tiny_model):
+def test_lora_training_holds_one_image_of_activations_at_a_time_on_large_latents(tiny_model, monkeypatch):
+    import impus_lite.runtime as runtime
     tiny_model.remove_adapters()
+    monkeypatch.setattr(runtime, "BATCHED_TRAINING_CELLS", 7 * 7)  # the tiny 8x8 latents count as large
     one, two = _peak_saved_bytes(tiny_model, 1), _peak_saved_bytes(tiny_model, 2)
     assert one > 0
     assert two < 1.1 * one  # a summed loss over both images would hold twice as much
+    # Small latents trade memory for speed: both images in one batched pass.
+    monkeypatch.setattr(runtime, "BATCHED_TRAINING_CELLS", 8 * 8)
+    assert _peak_saved_bytes(tiny_model, 2) > 1.3 * one
 
 
 @pytest.mark.parametrize("rank", [2, 8])
@@ -113,3 +120,26 @@ def test_outlier_rule_reads_both_codes():
     assert is_outlier_pair(low, unit)                # |0.8 - 1| > 0.1 and 0.8 < 0.9
     assert not is_outlier_pair(lower, lower.flip(0))  # both low, but alike: no outlier
     assert not is_outlier_pair(unit, 1.2 * unit)     # far apart, but neither below 0.9
+
+
+def test_lora_training_is_the_same_batched_or_one_image_at_a_time(tiny_model, monkeypatch):
+    import impus_lite.runtime as runtime
+    from impus_lite.lora import adapter_parameters, add_lora, train_lora
+    from impus_lite.text import encode_prompt
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    e = encode_prompt(tiny_model, "a photo")
+
+    def trained():
+        add_lora(tiny_model, "probe", 2, seed=0)
+        losses = train_lora(tiny_model, "probe", [latents[0:1], latents[1:2]], [e, e], 3, 1e-2, progress=False)
+        return losses, [p.detach().clone() for p in adapter_parameters(tiny_model, "probe")]
+
+    reference_losses, reference = trained()  # the default: 8x8 latents train together
+    assert runtime.trains_images_together(latents)
+    monkeypatch.setattr(runtime, "BATCHED_TRAINING_CELLS", 0)  # one image per backward pass
+    assert not runtime.trains_images_together(latents)
+    losses, params = trained()
+    tiny_model.remove_adapter("probe")
+    assert np.allclose(losses, reference_losses, rtol=1e-5)
+    assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(params, reference))
+    assert any(p.abs().max() > 0 for p in params)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -54,3 +55,16 @@ def test_zero_steps_returns_the_start_and_same_seed_same_result(tiny_model):
     r2 = optimize_embedding(tiny_model, z, start, 5, seed=7, progress=False).embedding
     r3 = optimize_embedding(tiny_model, z, start, 5, seed=8, progress=False).embedding
     assert torch.equal(r1, r2) and not torch.equal(r1, r3)
+
+
+def test_batched_optimisation_gives_each_image_its_own_result(tiny_model):
+    from impus_lite.text import encode_prompt, optimize_embedding, optimize_embeddings
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    start = encode_prompt(tiny_model, "a photo")
+    alone = [optimize_embedding(tiny_model, latents[i:i + 1], start, 4, 0.01, seed=7 + i, progress=False)
+             for i in range(2)]
+    together = optimize_embeddings(tiny_model, latents, start, 4, 0.01, seeds=[7, 8], progress=False)
+    for a, b in zip(alone, together):
+        assert torch.allclose(a.embedding, b.embedding, atol=1e-5)
+        assert np.allclose(a.losses, b.losses, rtol=1e-5)
+    assert not torch.allclose(together[0].embedding, together[1].embedding)
