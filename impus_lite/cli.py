@@ -24,7 +24,7 @@ def _add_device_flags(p) -> None:
 
 
 def _add_morph(sub) -> None:
-    from .config import PRESETS, SCHEDULES
+    from .config import METHODS, PRESETS, SCHEDULES
     from .models import DEFAULT_MODEL
 
     p = sub.add_parser("morph", help="morph image A into image B",
@@ -48,6 +48,9 @@ def _add_morph(sub) -> None:
                             "(default 0.2)")
     p.add_argument("--schedule", choices=SCHEDULES,
                    help="how alphas are chosen (default: the preset's)")
+    p.add_argument("--method", choices=METHODS, default="impus",
+                   help="morphing method: 'impus' (default), or a neighbour run on the same "
+                        "engine for comparison: " + ", ".join(METHODS[1:]))
     p.add_argument("--size", type=int, help="image side in pixels (default: the model's resolution)")
     p.add_argument("--resize", choices=("crop", "resize"),
                    help="'crop' keeps the aspect ratio and cuts the centre square ('fast'); "
@@ -70,7 +73,7 @@ def _run_morph(args) -> int:
     for path in (args.image_a, args.image_b):  # fail on bad files before a model loads
         open_rgb(path)
     check_prompt_not_empty(args.prompt)
-    changes = {"seed": args.seed}
+    changes = {"seed": args.seed, "method": args.method}
     if args.resize:
         changes["resize_mode"] = args.resize
     if args.dtype:
