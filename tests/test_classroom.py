@@ -5,6 +5,7 @@ synthetic images and the models use the "tiny" architecture.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -51,7 +52,8 @@ def data_dir(tmp_path_factory):
 def tiny_config(data_dir, checkpoint_dir, **overrides):
     settings = dict(data_dir=str(data_dir), checkpoint_dir=str(checkpoint_dir), arch="tiny",
                     vae_steps=2, unet_steps=2, vae_batch_size=4, unet_batch_size=4,
-                    checkpoint_every=1000, log_every=1, progress=False)
+                    checkpoint_every=1000, log_every=1, progress=False, vae_full_size_steps=0,
+                    warmup_steps=1)
     return C.TrainConfig(**{**settings, **overrides})
 
 
@@ -136,7 +138,8 @@ def test_word_merges_never_split_a_finished_word():
 # ---- training --------------------------------------------------------------------------------
 
 def test_vae_training_lowers_reconstruction_error(data_dir, tmp_path):
-    config = tiny_config(data_dir, tmp_path, vae_steps=40, unet_steps=0)
+    # Whole images at the full rate (the crop phase's windows: test_random_crops_...).
+    config = tiny_config(data_dir, tmp_path, vae_steps=40, unet_steps=0, vae_crop=64)
     data = C.EmojiDataset.load(data_dir)
     images = data.pixels()
     torch.manual_seed(0)
@@ -243,6 +246,65 @@ def test_resumed_run_keeps_the_stored_architecture(data_dir, tmp_path):
     C.train(tiny_config(data_dir, tmp_path, vae_steps=1, unet_steps=0))
     config = C._stored_config(tmp_path, C.TrainConfig(checkpoint_dir=str(tmp_path), vae_steps=5))
     assert config.arch == "tiny" and config.vae_batch_size == 4 and config.vae_steps == 5
+
+
+def test_edge_loss_ignores_a_constant_offset_and_sees_a_moved_edge():
+    image = -torch.ones(1, 3, 8, 8)
+    image[..., :, 4:] = 1.0  # a vertical edge between columns 3 and 4
+    assert C.edge_loss(image + 0.3, image).item() == 0.0
+    moved = torch.roll(image, 1, dims=-1)  # the edge one column right; column 7 wraps to 0
+    # horizontal differences per row: the image's +2 at 3; the moved one's -2 at 0 and +2 at 4:
+    # |error| sums to 6 over 7 cells per row; vertical differences are 0 in both
+    assert C.edge_loss(moved, image).item() == pytest.approx(6 / 7)
+
+
+def test_random_crops_cut_windows_of_the_images():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    crops = C.random_crops(images, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 3, 4, 4)
+    for image, crop in zip(images, crops):
+        row, col = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 8)
+        assert torch.equal(crop, image[:, row:row + 4, col:col + 4])
+    assert C.random_crops(images, 8, torch.Generator()) is images
+
+
+def test_shifted_and_scaled_copies_move_the_content_and_fill_white():
+    images = torch.ones(1, 3, 16, 16)
+    images[..., 6:10, 6:10] = -1.0  # a black square on white
+    generator = torch.Generator().manual_seed(0)
+    assert torch.allclose(C.shifted_and_scaled(images, 0.0, 0.0, generator), images, atol=1e-5)
+    copies = C.shifted_and_scaled(images.expand(64, -1, -1, -1), 3.0, 0.1, generator)
+    assert copies.shape == (64, 3, 16, 16)
+    assert copies.min() >= -1 - 1e-5 and copies.max() <= 1 + 1e-5
+    assert torch.allclose(copies[..., 0, :], torch.ones(1), atol=1e-5)  # white comes in
+    dark = (copies < 0).float().mean(dim=(1, 2, 3))
+    centre = (copies * (copies < 0)).sum(dim=(1, 2, 3))
+    assert dark.std() > 0 and (copies - images).abs().amax(dim=(1, 2, 3)).min() > 0.1
+    assert torch.isfinite(centre).all()
+
+
+def test_augmented_versions_keep_the_original_share():
+    version = C.augmented_version(4000, 4, 0.5, torch.Generator().manual_seed(0))
+    assert abs((version == 0).float().mean().item() - 0.5) < 0.03
+    assert set(version.tolist()) == {0, 1, 2, 3, 4}
+    assert torch.equal(C.augmented_version(5, 0, 0.5, torch.Generator()), torch.zeros(5, dtype=torch.long))
+
+
+def test_reconstruction_psnr_per_image_and_its_worst_decile():
+    class Doubler(torch.nn.Module):  # decode(encode(x)) = 2x: image k is off by x_k = k / 100
+        def encode(self, x):
+            return type("E", (), {"latent_dist": type("D", (), {"mean": x})()})()
+
+        def decode(self, z):
+            return type("S", (), {"sample": 2 * z})()
+
+    images = (torch.arange(1, 11) / 100).view(-1, 1, 1, 1).expand(10, 3, 4, 4)
+    per_image = C.reconstruction_psnr(Doubler(), images, batch_size=3)
+    expected = [10 * math.log10(4 / (k / 100) ** 2) for k in range(1, 11)]
+    assert per_image.tolist() == pytest.approx(expected, rel=1e-4)
+    summary = C.psnr_summary(per_image)
+    assert summary["worst_decile"] == pytest.approx(expected[9], rel=1e-4)
+    assert summary["mean"] == pytest.approx(sum(expected) / 10, rel=1e-4)
 
 
 def test_latent_scaling_factor_gives_unit_std():

@@ -31,10 +31,12 @@ from .data import (IMAGE_SIZE, NOTO_BITMAP_SIZE, NOTO_EMOJI_FONT, EmojiDataset,
                    emoji_codepoints, fit_on_white, is_pictographic, render_emoji)
 from .tokenizer import (_CLIP_PRETOKEN, _bpe_pieces, caption_words, load_tokenizer, tokenize,
                         word_merges, write_caption_tokenizer)
-from .train import (ARCHITECTURES, TrainConfig, _Diffuser, _stored_config, build_text_encoder,
-                    build_unet, build_vae, count_parameters, default_train_dir, diffusion_loss,
-                    encode_dataset, latent_scaling_factor, set_threads, train, train_unet,
-                    train_vae, training_noise_scheduler, vae_loss)
+from .train import (ARCHITECTURES, TrainConfig, _Diffuser, _stored_config, augmented_version,
+                    build_text_encoder, build_unet, build_vae, count_parameters,
+                    default_train_dir, diffusion_loss, edge_loss, encode_dataset,
+                    latent_scaling_factor, psnr_summary, random_crops, reconstruction_psnr,
+                    set_threads, shifted_and_scaled, train, train_unet, train_vae,
+                    training_noise_scheduler, vae_loss)
 from .export import (LICENSE_TEXT, MAX_WEIGHTS_MB, export, pipeline_from_checkpoints,
                      weights_megabytes)
 from .evaluate import (EvaluationReport, embed_prompts, evaluate, nearest_indices, psnr,
@@ -52,7 +54,8 @@ __all__ = [
     "default_train_dir", "ARCHITECTURES", "build_vae", "build_unet", "build_text_encoder",
     "count_parameters", "TrainConfig", "set_threads", "training_noise_scheduler", "vae_loss",
     "diffusion_loss", "train_vae", "encode_dataset", "latent_scaling_factor", "train_unet",
-    "train",
+    "train", "edge_loss", "random_crops", "reconstruction_psnr", "psnr_summary",
+    "shifted_and_scaled", "augmented_version",
     # export
     "MAX_WEIGHTS_MB", "LICENSE_TEXT", "pipeline_from_checkpoints", "weights_megabytes", "export",
     # evaluate
