@@ -305,3 +305,148 @@ def interpolating(unet, bank: AttentionBank, alphas: Union[float, Sequence[float
     alphas = torch.as_tensor(alphas, dtype=torch.float32).reshape(-1)
     return installed(unet, lambda name, prev, clock: InterpolatingProcessor(name, prev, clock, bank, alphas,
                                                                             form), layers)
+
+
+# --------------------------------------------------------------------------------------------
+# AID's outer and fused forms, and interpolated cross-attention
+# (He et al., NeurIPS 2024, https://arxiv.org/abs/2403.17924; github.com/QY-H00/
+# attention-interpolation-diffusion, interpolation.py)
+# --------------------------------------------------------------------------------------------
+
+def _with_own(own: KeyValue, kv: KeyValue) -> KeyValue:
+    """``([K, K_e], [V, V_e])``: the frame's own keys and values and another pair, concatenated
+    along the token axis (B, N + M, H*d)."""
+    return torch.cat([own[0], kv[0]], dim=1), torch.cat([own[1], kv[1]], dim=1)
+
+
+def _mask_for_both(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A (B, H, N, M) mask for keys ``[K, K_e]`` of twice the length (None stays None)."""
+    return None if mask is None else torch.cat([mask, mask], dim=-1)
+
+
+def outer_interpolation(attn, query: torch.Tensor, own: KeyValue, start: KeyValue, end: KeyValue,
+                        alpha: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(1-a) Attn(Q, K_0, V_0) + a Attn(Q, K_1, V_1)``: the frame's queries attend to each
+    endpoint and the two attention outputs are interpolated (AID's "outer" interpolation,
+    ``OuterInterpolatedAttnProcessor`` with ``is_fused=False``). ``own`` is not used.
+
+    Shapes as :func:`inner_interpolation`; returns (B, N, H*d)."""
+    return _lerp(attention(attn, query, *start, mask), attention(attn, query, *end, mask), alpha)
+
+
+def fused_interpolation(attn, query: torch.Tensor, own: KeyValue, start: KeyValue, end: KeyValue,
+                        alpha: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(1-a) Attn(Q, [K, K_0], [V, V_0]) + a Attn(Q, [K, K_1], [V, V_1])``: AID's fused
+    outer interpolation, the public code's default (``load_aid(atype="fused_outer",
+    is_fused=True)``). Each endpoint's keys and values are concatenated after the frame's own
+    ``own = (K, V)`` along the token axis, so the frame attends to itself and to one endpoint
+    at a time; the two outputs are interpolated. At ``a = 0`` on endpoint 0's own trajectory
+    ``K = K_0``: attention over a duplicated key set equals plain attention.
+
+    Shapes as :func:`inner_interpolation`; returns (B, N, H*d)."""
+    both = _mask_for_both(mask)
+    return _lerp(attention(attn, query, *_with_own(own, start), both),
+                 attention(attn, query, *_with_own(own, end), both), alpha)
+
+
+def fused_inner_interpolation(attn, query: torch.Tensor, own: KeyValue, start: KeyValue, end: KeyValue,
+                              alpha: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Attn(Q, [K, (1-a) K_0 + a K_1], [V, (1-a) V_0 + a V_1])``: AID's fused inner
+    interpolation (``atype="fused_inner"``): the interpolated keys and values concatenated
+    after the frame's own.
+
+    Shapes as :func:`inner_interpolation`; returns (B, N, H*d)."""
+    mixed = (_lerp(start[0], end[0], alpha), _lerp(start[1], end[1], alpha))
+    return attention(attn, query, *_with_own(own, mixed), _mask_for_both(mask))
+
+
+FORMS.update({"outer": outer_interpolation, "fused": fused_interpolation,
+              "fused-inner": fused_inner_interpolation})
+
+
+def cross_attention_layers(unet, parts: Sequence[str] = ("down", "mid", "up")) -> list[str]:
+    """Names (keys of ``unet.attn_processors``) of the cross-attention layers in the UNet
+    ``parts``, as :func:`self_attention_layers` names the self-attention ones."""
+    from diffusers.models.attention_processor import Attention
+
+    unknown = set(parts) - set(UNET_PARTS)
+    if unknown:
+        raise ValueError(f"Unknown UNet parts {sorted(unknown)}: use {', '.join(UNET_PARTS)}.")
+    prefixes = tuple(UNET_PARTS[p] + "." for p in parts)
+    return [f"{name}.processor" for name, module in unet.named_modules()
+            if isinstance(module, Attention) and module.is_cross_attention and name.startswith(prefixes)]
+
+
+class CrossInterpolatingProcessor(KeyValueProcessor):
+    """Cross-attention whose keys and values are combined by ``form`` between the two endpoints'
+    text embeddings, AID's interpolation applied to cross-attention.
+
+    The endpoints' keys and values ``K_e = W_k c_e``, ``V_e = W_v c_e`` come from
+    ``embeddings`` (2, L, D), the text embeddings of endpoint 0 and 1 (they do not depend on the
+    trajectory, so nothing is recorded); the frame's own ``K = W_k c(a)`` from the embeddings it
+    is called with. Row ``r * B + i`` of a call of ``R * B`` rows uses ``alphas[i]`` (the
+    layout of :class:`InterpolatingProcessor`). Self-attention runs ``previous`` unchanged.
+    The "inner" form on linearly interpolated embeddings equals plain cross-attention, ``W_k``
+    being linear; the other forms differ."""
+
+    def __init__(self, layer, previous, clock, embeddings: torch.Tensor, alphas: torch.Tensor,
+                 form: str = "fused"):
+        super().__init__(layer, previous, clock)
+        self.embeddings, self.alphas, self.form = embeddings, alphas, FORMS[form]
+
+    def __call__(self, attn, hidden_states: torch.Tensor,
+                 encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
+                 *args, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 *args, **kwargs)
+        residual, shape = hidden_states, hidden_states.shape
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        if hidden_states.ndim == 4:
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1],
+                                                         batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        context = torch.cat([encoder_hidden_states,
+                             self.embeddings.to(encoder_hidden_states.device, encoder_hidden_states.dtype)])
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        keys, values = attn.to_k(context), attn.to_v(context)
+        own = (keys[:batch], values[:batch])
+        frames = self.alphas.numel()
+        if batch % frames:
+            raise ValueError(f"Cross-attention interpolation at layer {self.layer}: a batch of {batch} rows "
+                             f"is not a multiple of {frames} alpha(s).")
+        start, end = [(keys[batch + e:batch + e + 1].expand(batch, -1, -1),
+                       values[batch + e:batch + e + 1].expand(batch, -1, -1)) for e in (0, 1)]
+        alpha = self.alphas.to(query.device, torch.float32).repeat(batch // frames).view(-1, 1, 1)
+        out = self.form(attn, query, own, start, end, alpha, attention_mask)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if len(shape) == 4:
+            out = out.transpose(-1, -2).reshape(shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def interpolating_cross(unet, embeddings: torch.Tensor, alphas: Union[float, Sequence[float], torch.Tensor],
+                        form: str = "fused", layers: Optional[Sequence[str]] = None):
+    """Context manager: UNet calls inside it render frames at ``alphas`` (one per frame of the
+    batch) with the cross-attention of ``layers`` (default: all) combined by ``form`` between
+    the endpoints' text embeddings ``embeddings`` (2, L, D)."""
+    if form not in FORMS:
+        raise ValueError(f"Unknown attention interpolation form '{form}': use one of {', '.join(FORMS)}.")
+    if embeddings.shape[0] != 2:
+        raise ValueError(f"Cross-attention interpolation needs the two endpoints' embeddings, got "
+                         f"{embeddings.shape[0]}.")
+    layers = cross_attention_layers(unet) if layers is None else list(layers)
+    alphas = torch.as_tensor(alphas, dtype=torch.float32).reshape(-1)
+    return installed(unet, lambda name, prev, clock: CrossInterpolatingProcessor(
+        name, prev, clock, embeddings, alphas, form), layers)
