@@ -160,6 +160,14 @@ def smoothness(distances: Sequence[float]) -> float:
     return 1.0 - gini(distances)
 
 
+def largest_step_share(distances: Sequence[float]) -> float:
+    """How switch-like a path is: the largest share of the total path length taken by one step,
+    ``max_k d_k / sum_k d_k``; 1/(K-1) for perfectly even steps, 1 when one step does it all."""
+    d = _as_array(distances)
+    total = d.sum()
+    return float(d.max() / total) if total > 0 else 0.0
+
+
 def rppd(distances: Sequence[float], end_distance: float) -> float:
     """Relative perceptual path diversity (IMPUS): ``sum_k d_k / ((K-1) LPIPS(x_0, x_{K-1}))``.
 
@@ -240,6 +248,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     ``10 log10(4 / mean((a - b)^2))``; infinite for identical images."""
     mse = float(((a.float() - b.float()) ** 2).mean())
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def per_image_psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """PSNR (N,) in dB of each image (N, 3, H, W) in [-1, 1] against its reference:
+    ``10 log10(4 / mean((a - b)^2))`` per image (capped at 120 dB for identical images)."""
+    mse = (images.float() - references.float()).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(4e-12))
 
 
 def nearest_indices(images: torch.Tensor, references: torch.Tensor, k: int = 1) -> torch.Tensor:

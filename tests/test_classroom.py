@@ -421,6 +421,24 @@ def test_evaluate_on_the_training_images_of_a_tiny_model(trained_tiny, data_dir,
     assert report.roundtrip_latent_rmse >= 0 and report.inverted_std > 0
     assert Image.open(grid).size == (20 * 64, 64)       # 4 generated + 4 nearest, 20 a row
     assert len(report.lines()) == 4
+    assert report.vae_psnr_worst_decile <= report.vae_psnr_mean < 60.0
+
+
+def test_pairs_report_how_switch_like_a_morph_is_and_draw_its_end_frames(trained_tiny, data_dir, tmp_path):
+    from impus_lite.classroom.pairs import end_frames_figure, morph_pairs, report_lines
+    out = C.export(trained_tiny, tmp_path / "classroom")
+    morphs = morph_pairs(str(out), pairs=[("red square", "blue circle")], frames=3,
+                         data_dir=data_dir, progress=False)
+    (m,) = morphs
+    assert m.prompt == "red square blue circle" and len(m.distances) == 2
+    assert m.largest_share == pytest.approx(max(m.distances) / sum(m.distances))
+    assert m.inputs.shape == m.reconstructions.shape == m.ends.shape == (2, 3, 64, 64)
+    expected = C.EmojiDataset.load(data_dir).pixels()[[0, 1]]
+    assert torch.allclose(m.inputs, expected, atol=2 / 255)  # the emoji as the model sees them
+    lines = report_lines(morphs)
+    assert "| red square -> blue circle |" in lines[3] and "even steps: 0.500" in lines[-1]
+    figure = end_frames_figure(morphs, tmp_path / "ends.png")
+    assert Image.open(figure).size == (2 * 130, 430)  # 1.3 x 4.3 inches per column at 100 dpi
 
 
 def test_command_line_help(capsys):
@@ -428,7 +446,7 @@ def test_command_line_help(capsys):
         C.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(cmd in out for cmd in ("build-data", "train", "export", "evaluate"))
+    assert all(cmd in out for cmd in ("build-data", "train", "export", "evaluate", "pairs"))
     with pytest.raises(SystemExit):
         C.main(["train", "--help"])
     out = capsys.readouterr().out

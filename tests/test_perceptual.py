@@ -115,3 +115,20 @@ def test_distance_to_data_finds_the_nearest_reference_and_its_rms_distance():
     assert nearest.tolist() == [2, 0]
     assert distance.tolist() == pytest.approx([0.1, 0.1])
     assert distance_to_data(references, references)[0].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_largest_step_share_of_even_and_switch_like_paths():
+    from impus_lite.perceptual import largest_step_share
+    assert largest_step_share([0.1] * 8) == pytest.approx(1 / 8)
+    assert largest_step_share([0.0, 0.0, 2.0, 0.0]) == 1.0
+    assert largest_step_share([1.0, 3.0]) == pytest.approx(0.75)
+    assert largest_step_share([0.0, 0.0]) == 0.0
+
+
+def test_per_image_psnr_matches_the_global_psnr_of_each_image():
+    from impus_lite.perceptual import per_image_psnr, psnr
+    a = torch.zeros(3, 3, 4, 4)
+    b = a + torch.tensor([0.2, 0.02, 0.0]).view(3, 1, 1, 1)
+    values = per_image_psnr(a, b)
+    assert values[0].item() == pytest.approx(psnr(a[0], b[0]), abs=1e-4) == pytest.approx(20.0, abs=1e-4)
+    assert values[1].item() == pytest.approx(40.0, abs=1e-3) and values[2].item() == pytest.approx(120.0, abs=1e-3)

@@ -1,4 +1,4 @@
-"""The command line ``python -m impus_lite.classroom build-data | train | export | evaluate``."""
+"""The command line ``python -m impus_lite.classroom build-data | train | export | evaluate | pairs``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--grid", default=None,
                        help="PNG to save: each generated image next to its nearest training image")
     check.add_argument("--threads", type=int, default=None)
+
+    pairs = commands.add_parser(
+        "pairs", help="morph related emoji: how switch-like the paths are, and the end frames")
+    pairs.add_argument("--model", default="classroom", help="'classroom' or a model folder")
+    pairs.add_argument("--data", default=str(default_data_dir()))
+    pairs.add_argument("--frames", type=int, default=9, help="uniform frames per morph")
+    pairs.add_argument("--figure", default=None,
+                       help="PNG to save: input | VAE reconstruction | morph end frame per emoji")
+    pairs.add_argument("--threads", type=int, default=None)
     return parser
 
 
@@ -85,4 +94,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = evaluate(args.model, args.data, args.prompts, args.steps, args.guidance,
                           args.inversion_steps, seed=args.seed, grid_path=args.grid)
         print("\n".join(report.lines()))
+    elif args.command == "pairs":
+        from .pairs import end_frames_figure, morph_pairs, report_lines
+
+        set_threads(args.threads)
+        morphs = morph_pairs(args.model, frames=args.frames, data_dir=args.data)
+        print("\n".join(report_lines(morphs)))
+        if args.figure:
+            print(f"wrote {end_frames_figure(morphs, args.figure)}")
     return 0

@@ -12,9 +12,10 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from ..perceptual import nearest_indices, psnr
+from ..perceptual import nearest_indices, per_image_psnr, psnr
 from .data import EmojiDataset, default_data_dir
 from .tokenizer import tokenize
+from .train import psnr_summary
 
 
 @torch.no_grad()
@@ -32,7 +33,10 @@ class EvaluationReport:
         nearest_accuracy: fraction of prompts whose generated image has the prompted emoji as
             nearest training image in pixel space.
         top5_accuracy: same, with the prompted emoji among the 5 nearest.
-        vae_psnr: PSNR (dB) of training images through VAE encode/decode.
+        vae_psnr: PSNR (dB) of the chosen training images through VAE encode/decode (one
+            mean squared error over all of them).
+        vae_psnr_mean, vae_psnr_worst_decile: per-image PSNR (dB) of every training image
+            through the VAE: the mean, and the mean of the worst tenth.
         roundtrip_psnr: PSNR (dB) of training images through DDIM inversion then sampling.
         roundtrip_latent_rmse: RMS difference of the scaled latents before and after the
             inversion round trip.
@@ -43,6 +47,8 @@ class EvaluationReport:
     nearest_accuracy: float
     top5_accuracy: float
     vae_psnr: float
+    vae_psnr_mean: float
+    vae_psnr_worst_decile: float
     roundtrip_psnr: float
     roundtrip_latent_rmse: float
     inverted_std: float
@@ -52,7 +58,8 @@ class EvaluationReport:
         return [
             f"generation: {self.nearest_accuracy:.1%} of {self.prompts} prompts give their emoji "
             f"as nearest training image (top-5: {self.top5_accuracy:.1%})",
-            f"VAE reconstruction PSNR: {self.vae_psnr:.2f} dB",
+            f"VAE reconstruction PSNR: {self.vae_psnr:.2f} dB; per image over the whole data "
+            f"set: mean {self.vae_psnr_mean:.2f} dB, worst decile {self.vae_psnr_worst_decile:.2f} dB",
             f"DDIM inversion + sampling round trip: PSNR {self.roundtrip_psnr:.2f} dB, latent "
             f"RMSE {self.roundtrip_latent_rmse:.4f}, inverted code std {self.inverted_std:.3f}",
             f"({self.seconds:.0f} s)",
@@ -102,9 +109,13 @@ def evaluate(model_name: str = "classroom", data_dir: Union[str, Path, None] = N
     context = embed_prompts(model, captions[:roundtrip_images])
     codes = ddim_invert(model, latents, context, inversion_steps, progress=False)
     back = ddim_sample(model, codes, context, uncond, 1.0, inversion_steps, progress=False)
+    per_image = torch.cat([per_image_psnr(model.decode(model.encode(batch)), batch)
+                           for batch in references.split(64)])
+    summary = psnr_summary(per_image)
     return EvaluationReport(
         prompts=len(chosen), nearest_accuracy=nearest_accuracy, top5_accuracy=top5_accuracy,
         vae_psnr=psnr(model.decode(latents), originals),
+        vae_psnr_mean=summary["mean"], vae_psnr_worst_decile=summary["worst_decile"],
         roundtrip_psnr=psnr(model.decode(back), originals),
         roundtrip_latent_rmse=(back - latents).pow(2).mean().sqrt().item(),
         inverted_std=codes.std().item(), seconds=time.time() - start_time)

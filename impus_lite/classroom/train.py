@@ -185,16 +185,17 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
 @torch.no_grad()
 def reconstruction_psnr(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Per-image PSNR (N,) in dB of images (N, 3, H, W) in [-1, 1] through the VAE's
-    posterior mean: 10 log10(4 / mean((D(E(x)) - x)^2))."""
+    posterior mean (:func:`impus_lite.perceptual.per_image_psnr` of D(E(x)) and x)."""
+    from ..perceptual import per_image_psnr
+
     was_training = vae.training
     vae.eval()
-    errors = []
-    for i in range(0, len(images), batch_size):
-        batch = images[i:i + batch_size]
+    values = []
+    for batch in images.split(batch_size):
         recon = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
-        errors.append((recon - batch).pow(2).mean(dim=(1, 2, 3)))
+        values.append(per_image_psnr(recon, batch))
     vae.train(was_training)
-    return 10 * torch.log10(4.0 / torch.cat(errors).clamp_min(1e-12))
+    return torch.cat(values)
 
 
 def psnr_summary(per_image: torch.Tensor) -> dict:
