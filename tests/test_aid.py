@@ -128,3 +128,13 @@ def test_the_beta_search_keeps_to_its_prior_bounds_and_budget():
 def test_bad_options_are_refused(tiny_model, image_pair, lpips_random, options, message):
     with pytest.raises(InputError, match=message):
         morph(tiny_model, image_pair, lpips_random, options, frames=3)
+
+
+def test_the_inversions_are_cached_and_shared_with_slerp(tiny_model, image_pair, lpips_random, tmp_path):
+    config = TINY_CONFIG.replace(method="slerp", schedule="uniform", frames=3)
+    run_method(tiny_model, *image_pair, "a photo", config, cache_dir=tmp_path, lpips=lpips_random,
+               progress=False)
+    config = TINY_CONFIG.replace(method="aid", frames=3, method_options={"search_evaluations": 0})
+    result = run_method(tiny_model, *image_pair, "a photo", config, cache_dir=tmp_path, lpips=lpips_random,
+                        progress=False)
+    assert result.stats["inversion"].cached and result.stats["inversion"].unet_evals == 0

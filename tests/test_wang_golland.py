@@ -194,3 +194,13 @@ def test_settings_it_cannot_honour_are_named(tiny_model, image_pair, lpips_rando
     result = morph(tiny_model, image_pair, lpips_random, frames=3, lora_rank=4, inversion_steps=7)
     note = next(n for n in result.notes if "does not use" in n)
     assert "lora_rank" in note and "inversion_steps" in note and "text_steps" not in note
+
+
+def test_the_text_stage_is_cached_and_shared_with_impus(tiny_model, image_pair, lpips_random, tmp_path):
+    from impus_lite import morph as impus_morph
+    impus_morph(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(lora_rank=0), cache_dir=tmp_path,
+                lpips=lpips_random, progress=False)
+    config = TINY_CONFIG.replace(method="wang-golland", frames=3, schedule="uniform", method_options=SMALL)
+    result = run_method(tiny_model, *image_pair, "a photo", config, cache_dir=tmp_path, lpips=lpips_random,
+                        progress=False)
+    assert result.stats["text"].cached and result.stats["text"].unet_evals == 0
