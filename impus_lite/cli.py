@@ -112,10 +112,10 @@ def _run_morph(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    from .config import PRESETS
+    from .config import METHODS, PRESETS
     from .evaluation import ABLATIONS
 
-    p = sub.add_parser("evaluate", help="ablations with PPL, PDV and smoothness over image pairs",
+    p = sub.add_parser("evaluate", help="ablations and methods with PPL, PDV and smoothness over image pairs",
                        description="Morph every pair under PAIRS once per ablation and write "
                                    "results.csv, summary.csv, summary.md, summary.png and "
                                    "strips/ to DIR. Run under `accelerate launch` to split the "
@@ -125,18 +125,26 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--model", default="tiny", help="model name, as for morph (default tiny)")
     p.add_argument("--preset", default="fast", choices=sorted(PRESETS), help="base settings")
     p.add_argument("--frames", type=int, default=9, help="frames per morph (default 9)")
-    p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS),
-                   metavar="NAME", help=f"rows to run (default all: {', '.join(ABLATIONS)})")
+    p.add_argument("--ablations", nargs="+", default=None, choices=list(ABLATIONS),
+                   metavar="NAME", help=f"IMPUS rows to run (default all: {', '.join(ABLATIONS)}; "
+                                        "with --methods, only 'full')")
+    p.add_argument("--methods", default="impus",
+                   help="comma-separated methods to compare, each with its own settings, e.g. "
+                        f"'{','.join(METHODS)}' (default impus)")
     _add_device_flags(p)
     p.add_argument("--out", required=True, help="output folder")
 
 
 def _run_evaluate(args) -> int:
     from .config import MorphConfig
-    from .evaluation import run_evaluation
+    from .evaluation import ABLATIONS, run_evaluation, variants
 
     base = MorphConfig.preset(args.preset, frames=args.frames)
-    results = run_evaluation(args.model, args.pairs, args.out, base, args.ablations, args.device, args.dtype)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    ablations = args.ablations or (["full"] if methods != ["impus"] else list(ABLATIONS))
+    variants(ablations, methods)  # unknown names fail before a model loads
+    results = run_evaluation(args.model, args.pairs, args.out, base, ablations, args.device, args.dtype,
+                             methods=methods)
     if results is not None:
         print((Path(args.out) / "summary.md").read_text())
         print(f"wrote {args.out}/results.csv, summary.csv, summary.md, summary.png, strips/")

@@ -1,10 +1,21 @@
-"""Evaluating morphs: ablations of the method over a set of pairs, as tables and plots (notebook 08).
+"""Evaluating morphs: ablations of IMPUS and the neighbouring methods over a set of pairs, as
+tables and plots (notebooks 08 and 09).
 
 For every pair, each :data:`ABLATIONS` row changes one thing in the base config and reports
 the path metrics of :mod:`impus_lite.perceptual` on the frames it makes (lower PPL and PDV are
 better; smoothness 1 is perfectly even), the number of frames, UNet evaluations and seconds.
 Rows share one cache of stage outputs per pair, so a row that only changes the alphas reuses
-the trained adapters.
+the trained adapters. With ``methods`` each other method of :mod:`impus_lite.methods` adds a row
+("full": its own published settings at the same frame count); FID and KID over all pairs come
+from :mod:`impus_lite.metrics` when the Inception weights can be had.
+
+The path metrics follow the published conventions on the frames made: ``ppl_path_sum`` and
+``pdv`` are DiffMorpher's PPL and PDV (sum and population variance of consecutive LPIPS; its
+paper uses 17 frames, ``--frames 17`` reproduces that), ``smoothness`` is AID's 1 - Gini.
+
+Pairs may also come as MorphBench (https://github.com/Kevin-thu/DiffMorpher) lays them out
+after download: one folder per pair holding its two images (and, here, an optional
+``prompt.txt``); a folder of such folders is a benchmark.
 
 Pairs are given as a folder holding one sub-folder per pair (two images each, and optionally a
 ``prompt.txt``) or a single pair folder. Under ``accelerate launch`` the pairs are split across
@@ -24,7 +35,7 @@ import torch
 
 from .config import MorphConfig
 from .errors import InputError
-from .images import open_rgb
+from .images import load_image, open_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_PROMPT = "a photo"
@@ -108,41 +119,60 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def variants(ablations: Sequence[str], methods: Sequence[str] = ("impus",)) -> list[tuple[str, str]]:
+    """The (method, ablation) rows to run: IMPUS once per ablation, every other method once
+    with its own settings ("full")."""
+    from .config import METHODS
+
+    for name in ablations:
+        if name not in ABLATIONS:
+            raise InputError(f"Unknown ablation '{name}': use some of {', '.join(ABLATIONS)}.")
+    for method in methods:
+        if method not in METHODS:
+            raise InputError(f"Unknown method '{method}': use some of {', '.join(METHODS)}.")
+    rows = [("impus", name) for name in ablations] if "impus" in methods else []
+    return rows + [(method, "full") for method in methods if method != "impus"]
+
+
 def evaluate_pair(model, pair: Pair, base: MorphConfig, ablations: Sequence[str], cache_dir: Optional[Path],
-                  lpips=None, progress: bool = True, on_result: Optional[Callable] = None) -> list[dict]:
-    """One row per ablation for ``pair``: metrics, frame count, UNet evaluations, seconds."""
+                  lpips=None, progress: bool = True, on_result: Optional[Callable] = None,
+                  methods: Sequence[str] = ("impus",)) -> list[dict]:
+    """One row per (method, ablation) of :func:`variants` for ``pair``: metrics, frame count,
+    UNet evaluations, seconds."""
     from .morph import morph
     from .perceptual import pdv, ppl_path_sum, smoothness
 
     for path in (pair.image0, pair.image1):
         open_rgb(path)
     rows = []
-    for name in ablations:
-        if name not in ABLATIONS:
-            raise InputError(f"Unknown ablation '{name}': use some of {', '.join(ABLATIONS)}.")
-        config = base.replace(**ABLATIONS[name])
+    for method, name in variants(ablations, methods):
+        config = base.replace(method=method, **(ABLATIONS[name] if method == "impus" else {}))
         result = morph(model, pair.image0, pair.image1, pair.prompt, config, cache_dir=cache_dir,
                        lpips=lpips, progress=progress)
         d = result.distances
-        row = {"pair": pair.name, "ablation": name, "frames": len(result.frames),
+        row = {"pair": pair.name, "method": method, "ablation": name, "frames": len(result.frames),
                "ppl_path_sum": ppl_path_sum(d), "pdv": pdv(d), "smoothness": smoothness(d),
                **end_metrics(result.end_errors),
                "unet_evals": result.unet_evals, "seconds": round(result.seconds, 3),
                "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk}
         rows.append(row)
         if on_result is not None:
-            on_result(pair, name, result)
+            on_result(pair, name if method == "impus" else method, result)
     return rows
 
 
 def summarise(rows: Sequence[dict]) -> list[dict]:
-    """Mean of each metric (and of cost) per ablation, in :data:`ABLATIONS` order."""
+    """Mean of each metric (and of cost) per method and ablation, IMPUS's ablations first in
+    :data:`ABLATIONS` order, then the other methods in the order of the rows."""
     out = []
-    for name in ABLATIONS:
-        group = [r for r in rows if r["ablation"] == name]
+    order = [("impus", name) for name in ABLATIONS]
+    order += list(dict.fromkeys((r.get("method", "impus"), r["ablation"]) for r in rows
+                                if r.get("method", "impus") != "impus"))
+    for method, name in order:
+        group = [r for r in rows if (r.get("method", "impus"), r["ablation"]) == (method, name)]
         if not group:
             continue
-        row = {"ablation": name, "pairs": len(group)}
+        row = {"method": method, "ablation": name, "pairs": len(group)}
         for key in (*METRICS, *END_METRICS, "frames", "unet_evals", "seconds"):
             row[key] = float(np.mean([r[key] for r in group]))
         out.append(row)
@@ -168,7 +198,8 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
 
 
 def plot_summary(summary: Sequence[dict], path: Path) -> Path:
-    """Bar charts of PPL, PDV, smoothness and UNet evaluations per ablation (PNG).
+    """Bar charts of PPL, PDV, smoothness and UNet evaluations per row: IMPUS's ablations by
+    name, the other methods by theirs (PNG).
 
     Draws on a bare ``matplotlib.figure.Figure``: no pyplot state or backend is touched.
     """
@@ -177,7 +208,7 @@ def plot_summary(summary: Sequence[dict], path: Path) -> Path:
     keys = (*METRICS, "unet_evals")
     fig = Figure(figsize=(4 * len(keys), 3.2))
     axes = fig.subplots(1, len(keys))
-    names = [r["ablation"] for r in summary]
+    names = [r["ablation"] if r.get("method", "impus") == "impus" else r["method"] for r in summary]
     for ax, key in zip(axes, keys):
         ax.bar(names, [r[key] for r in summary], color="tab:blue")
         ax.set_title(key)
@@ -187,16 +218,55 @@ def plot_summary(summary: Sequence[dict], path: Path) -> Path:
     return path
 
 
+def frame_realism(frames: dict[str, list], inputs: torch.Tensor,
+                  weights: str = "auto") -> tuple[dict[str, dict], str]:
+    """FID and KID (:mod:`impus_lite.metrics.fid`, torchmetrics' Inception) of each row's
+    frames (all pairs together) against all the input images, and a one-sentence note: the
+    sample sizes (tens of images, where FID is usually quoted on 10,000 or more, so only the
+    ranking of rows means much), or why nothing was computed.
+
+    Args:
+        frames: row name -> frames (K, 3, H, W) in [-1, 1] of each pair.
+        inputs: (2P, 3, H, W) in [-1, 1], both inputs of every pair.
+        weights: "auto" (the real Inception weights; downloads on first use) or "random".
+    """
+    from .errors import ModelLoadError
+    from .metrics import inception
+    from .metrics import fid as fid_of
+    from .metrics import kid as kid_of
+
+    try:
+        network = inception(weights)
+    except ModelLoadError as error:
+        return {}, str(error)
+    out = {}
+    for name, images in frames.items():
+        fake = torch.cat(images)
+        kid_mean, _ = kid_of(inputs, fake, network, subset_size=min(len(inputs), len(fake)))
+        out[name] = {"fid": fid_of(inputs, fake, network), "kid": kid_mean}
+    per_row = len(torch.cat(next(iter(frames.values())))) if frames else 0
+    sizes = f"{len(inputs)} inputs, {per_row} frames per row"
+    return out, (f"FID and KID of each row's frames against the inputs ({sizes}; "
+                 f"{'random' if weights == 'random' else 'Inception'} weights): far below the "
+                 "thousands of images FID is meant for, so compare rows, not papers.")
+
+
 def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union[str, Path],
                    base: MorphConfig, ablations: Sequence[str] = tuple(ABLATIONS),
                    device: Optional[str] = None, dtype: Optional[str] = None,
-                   progress: bool = True) -> Optional[dict]:
+                   progress: bool = True, methods: Sequence[str] = ("impus",),
+                   inception_weights: str = "auto") -> Optional[dict]:
     """Evaluate every pair under ``pairs_root`` and write the tables and plots to ``out_dir``.
 
     Writes ``results.csv`` (a row per pair and ablation), ``summary.csv``, ``summary.md``,
     ``summary.png`` and ``results.json``. Under ``accelerate launch`` each process takes every
     n-th pair and writes ``parts/results-<rank>.json``; the main process merges them. Returns
     the merged results on the main process (None on the others).
+
+    ``methods``: the methods compared (:func:`variants`). In one process, each row's FID and KID
+    of all its frames against all the inputs (:func:`frame_realism`) join the summary when the
+    Inception weights can be had (``inception_weights``: "auto" or "random" for tests);
+    otherwise the summary says in one sentence why they are missing.
     """
     from accelerate import PartialState
 
@@ -214,12 +284,19 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
     model = load_model(model_name, device=device or str(state.device), dtype=dtype or base.precision)
     lpips = load_lpips(device=model.device)
     rows = []
+    frames: dict[str, list] = {}
+    inputs = []
     for pair in mine:
         strips = {}
         rows += evaluate_pair(model, pair, base, ablations, out / "cache" / pair.name, lpips, progress,
-                              on_result=lambda p, name, r: strips.__setitem__(name, r))
+                              on_result=lambda p, name, r: strips.__setitem__(name, r),
+                              methods=methods)
         for name, result in strips.items():
             result.save(out / "strips" / f"{pair.name}-{name}.png")
+            frames.setdefault(name, []).append(result.images)
+        size = next(iter(strips.values())).images.shape[-1]
+        inputs.append(torch.cat([load_image(path, size, base.resize_mode, base.resample)
+                                 for path in (pair.image0, pair.image1)]))
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     (parts / f"results-{state.process_index}.json").write_text(json.dumps(rows))
@@ -230,13 +307,23 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
     for k in range(state.num_processes):
         merged += json.loads((parts / f"results-{k}.json").read_text())
     summary = summarise(merged)
+    realism_note = ""
+    if state.num_processes == 1:
+        realism, realism_note = frame_realism(frames, torch.cat(inputs), inception_weights)
+        for row in summary:
+            row.update(realism.get(row["ablation"] if row["method"] == "impus" else row["method"], {}))
+    else:
+        realism_note = "FID and KID are computed in a single process only."
     write_csv(merged, out / "results.csv")
     write_csv(summary, out / "summary.csv")
-    columns = ("ablation", "pairs", "frames", *METRICS, *END_METRICS, "unet_evals", "seconds")
+    columns = ("method", "ablation", "pairs", "frames", *METRICS, *END_METRICS, "unet_evals", "seconds")
+    columns += tuple(k for k in ("fid", "kid") if summary and k in summary[0])
     trunk = merged[0]["lpips_trunk"] if merged else "?"
     (out / "summary.md").write_text(
         f"Model `{model_name}`, LPIPS AlexNet ({trunk} trunk), images in [-1, 1]; "
-        f"means over {len(pairs)} pairs.\n\n" + markdown_table(summary, columns) + "\n")
+        f"means over {len(pairs)} pairs. ppl_path_sum and pdv: DiffMorpher's PPL and PDV on these "
+        f"{base.frames} frames (its paper: 17); smoothness: AID's 1 - Gini. {realism_note}\n\n"
+        + markdown_table(summary, columns) + "\n")
     plot_summary(summary, out / "summary.png")
     results = {"model": model_name, "config": base.to_dict(), "rows": merged, "summary": summary}
     (out / "results.json").write_text(json.dumps(results, indent=2))

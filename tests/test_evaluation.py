@@ -194,3 +194,36 @@ def test_bench_round_trip_compares_the_grids(tmp_path):
     assert report["spacings"]["leading"]["grid_ends"] == [901, 751]
     assert report["spacings"]["trailing"]["grid_ends"] == [999, 999]
     assert all(len(s["mse"]) == 2 for s in report["spacings"].values())
+
+
+def test_evaluate_compares_methods_in_one_table(pairs_root, tmp_path, monkeypatch):
+    from impus_lite import config
+    monkeypatch.setitem(config.PRESETS, "fast", TINY_CONFIG.replace(frames=None))
+    out = tmp_path / "eval"
+    code = main(["evaluate", str(pairs_root), "--model", "tiny", "--device", "cpu", "--frames", "3",
+                 "--methods", "impus,slerp", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["ablation"]) for r in results["rows"]] == [("impus", "full"), ("slerp", "full")] * 2
+    assert [(r["method"], r["pairs"]) for r in results["summary"]] == [("impus", 2), ("slerp", 2)]
+    slerp, impus = results["summary"][1], results["summary"][0]
+    assert slerp["unet_evals"] < impus["unet_evals"]  # no training, no rPPD probe
+    summary = (out / "summary.md").read_text()
+    assert "| slerp | full |" in summary and "DiffMorpher's PPL and PDV on these 3 frames" in summary
+    assert "FID" in summary  # the values, or the one sentence saying why they are missing
+    assert len(list((out / "strips").glob("*-slerp.png"))) == 2
+    assert main(["evaluate", str(pairs_root), "--model", "tiny", "--methods", "impus,morphing",
+                 "--out", str(tmp_path / "other")]) == 2
+    assert not (tmp_path / "other").exists()
+
+
+def test_frame_realism_ranks_rows_with_a_random_inception(tmp_path):
+    import torch
+    from impus_lite.evaluation import frame_realism
+    inputs = torch.rand(4, 3, 32, 32) * 2 - 1
+    near = [inputs + 0.01 * torch.randn_like(inputs)]
+    far = [-inputs.flip(-1)]
+    values, note = frame_realism({"near": near, "far": far}, inputs, weights="random")
+    assert values["near"]["fid"] < values["far"]["fid"]
+    assert all(v["fid"] >= 0 for v in values.values())
+    assert "4 inputs, 4 frames per row" in note and "random weights" in note
