@@ -71,7 +71,7 @@ NAME = "diffmorpher"
 #: MorphConfig fields DiffMorpher reads besides the common ones (its steps, rank and guidance
 #: are in :class:`Options`).
 USES = ("timestep_spacing", "schedule", "frames", "lpips_step", "lpips_tol", "search_candidates",
-        "reschedule_passes", "reschedule_damping", "beta_a", "beta_b", "max_frames")
+        "reschedule_damping", "beta_a", "beta_b", "max_frames")
 #: The two per-image adapters.
 ADAPTERS = ("diffmorpher0", "diffmorpher1")
 #: ``Options.attention_layers`` -> UNet parts whose self-attention is interpolated.
@@ -96,6 +96,8 @@ class Options:
         attention_layers: "up" (the decoder's self-attention layers, as the code) or "all".
         adain: AdaIN of the slerped code to the interpolated channel statistics (True).
         guidance: classifier-free guidance scale of every frame (1 = none, the published).
+        reschedule_passes: render passes when ``config.schedule`` is "reschedule" (2 =
+            DiffMorpher's: uniform, then one reschedule); it replaces the config's own.
     """
 
     rank: int = 16
@@ -106,8 +108,11 @@ class Options:
     attention_layers: str = "up"
     adain: bool = True
     guidance: float = 1.0
+    reschedule_passes: int = 2
 
     def __post_init__(self):
+        if not isinstance(self.reschedule_passes, int) or self.reschedule_passes < 1:
+            raise InputError(f"DiffMorpher's reschedule_passes must be an integer >= 1, got {self.reschedule_passes!r}.")
         for name in ("rank", "lora_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -246,9 +251,9 @@ def run(model, image0, image1, prompt, config, cache_dir=None, lpips=None, progr
     """Morph by DiffMorpher; returns a MorphResult (stages encode, lora, inversion, frames)."""
     options = parse_options(Options, NAME, config.method_options)
     run = start_run(NAME, USES, model, image0, image1, prompt, config, cache_dir, lpips, progress)
-    c, o = config, options
-    if not (c.schedule == "reschedule" and c.reschedule_passes == 2):
-        run.notes.append("DiffMorpher's own alphas are schedule='reschedule' with reschedule_passes=2")
+    if config.schedule == "reschedule":  # DiffMorpher's passes, not the preset's
+        run.config = config.replace(reschedule_passes=options.reschedule_passes)
+    c, o = run.config, options
     rank = o.rank
     if rank > max_adapter_rank(model):
         rank = max_adapter_rank(model)
