@@ -51,6 +51,10 @@ def _add_morph(sub) -> None:
     p.add_argument("--method", choices=METHODS, default="impus",
                    help="morphing method: 'impus' (default), or a neighbour run on the same "
                         "engine for comparison: " + ", ".join(METHODS[1:]))
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of a method other than impus (its module's Options), the value "
+                        "read as JSON where it parses (e.g. --method-option form=\"outer\" "
+                        "--method-option lora_steps=50); repeatable")
     p.add_argument("--size", type=int, help="image side in pixels (default: the model's resolution)")
     p.add_argument("--resize", choices=("crop", "resize"),
                    help="'crop' keeps the aspect ratio and cuts the centre square ('fast'); "
@@ -60,6 +64,25 @@ def _add_morph(sub) -> None:
     p.add_argument("--fps", type=float, default=8.0, help="frames per second of the GIF/MP4")
     p.add_argument("--no-cache", action="store_true", help="do not read or write DIR/cache")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
+
+
+def parse_method_options(items: Sequence[str]) -> dict:
+    """``["rank=8", "form=outer", "adain=false"]`` -> ``{"rank": 8, "form": "outer", "adain": False}``:
+    each value read as JSON when it parses, else kept as text."""
+    import json
+
+    from .errors import InputError
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"A method option is KEY=VALUE, got '{item}'.")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
 
 
 def _run_morph(args) -> int:
@@ -74,6 +97,8 @@ def _run_morph(args) -> int:
         open_rgb(path)
     check_prompt_not_empty(args.prompt)
     changes = {"seed": args.seed, "method": args.method}
+    if args.method_option:
+        changes["method_options"] = parse_method_options(args.method_option)
     if args.resize:
         changes["resize_mode"] = args.resize
     if args.dtype:

@@ -3,8 +3,9 @@
 Conventions (the papers disagree; these are the ones used everywhere in impus_lite):
 
 * LPIPS is ``lpips.LPIPS(net="alex")`` (version 0.1, the learned linear heads shipped in the
-  lpips wheel) on images in **[-1, 1]**, the range lpips expects. DiffMorpher feeds [0, 1] and
-  AID ImageNet-normalised tensors; both distort the distance.
+  lpips wheel) on images in **[-1, 1]**, the range lpips expects. DiffMorpher's reschedule
+  (``utils/alpha_scheduler.py``) feeds [0, 1] and AID's code ImageNet-normalised tensors; both
+  distort the distance. DiffMorpher's evaluation script (its issue 33) feeds [-1, 1], as here.
 * The AlexNet trunk needs ImageNet weights from the internet (torchvision downloads them once
   into ``torch.hub.get_dir()``). Without them the same lpips code runs on a random trunk with a
   fixed seed: still a metric on images, not the perceptual one. :attr:`Lpips.trunk` says which

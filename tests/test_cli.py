@@ -124,3 +124,21 @@ def test_paper_preset_stretches_and_the_dtype_flag_overrides_its_precision(image
                  "--preset", "paper", "--dtype", "bf16", "--out", str(out)]) == 0
     used = json.loads((out / "morph.json").read_text())["config"]
     assert (used["resize_mode"], used["resample"], used["precision"]) == ("resize", "bilinear", "bf16")
+
+
+def test_method_options_from_the_command_line(tmp_path, capsys):
+    from impus_lite.cli import parse_method_options
+    assert parse_method_options(["rank=8", "form=outer", "adain=false", "guidance=1.5"]) == \
+        {"rank": 8, "form": "outer", "adain": False, "guidance": 1.5}
+    pair = [tmp_path / "a.png", tmp_path / "b.png"]
+    for k, path in enumerate(pair):
+        smooth_image(k, (32, 32)).save(path)
+    code = main(["morph", str(pair[0]), str(pair[1]), "--prompt", "a photo", "--model", "tiny",
+                 "--device", "cpu", "--frames", "3", "--method", "slerp", "--method-option",
+                 "guidance=2.0", "--out", str(tmp_path / "out")])
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "morph.json").read_text())
+    assert summary["config"]["method"] == "slerp" and summary["config"]["method_options"] == {"guidance": 2.0}
+    assert main(["morph", str(pair[0]), str(pair[1]), "--prompt", "a photo", "--model", "tiny",
+                 "--method", "slerp", "--method-option", "strength", "--out", str(tmp_path / "o2")]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
