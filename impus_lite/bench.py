@@ -25,7 +25,8 @@ import torch
 from .config import MorphConfig
 from .runtime import peak_memory_mb, reset_peak_memory
 
-STAGE_ORDER = ("encode", "text", "inversion", "rppd", "lora", "reinversion", "frames")
+STAGE_ORDER = ("encode", "text", "inversion", "rppd", "lora", "reinversion", "endpoints", "ranking",
+               "frames")
 
 
 def machine_description(device: torch.device) -> str:
@@ -131,9 +132,18 @@ def format_training_memory(report: dict) -> str:
     ])
 
 
+def _stage_rank(stage: str) -> int:
+    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+
+
 def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], frames: int,
-                  overrides: Optional[dict] = None, progress: bool = True) -> dict:
+                  overrides: Optional[dict] = None, progress: bool = True,
+                  methods: Sequence[str] = ("impus",)) -> dict:
     """Run ``morph`` once per preset (no cache) with ``frames`` frames; return per-stage costs.
+
+    ``methods``: IMPUS runs once per preset (columns named by the preset); every other method
+    of :mod:`impus_lite.methods` runs once on the first preset with its own settings (columns
+    named by the method).
 
     Returns a dict with ``machine``, ``model``, and per preset: ``stages`` (stage -> seconds,
     unet_evals), ``total_unet_evals``, ``total_seconds``, ``peak_memory_mb``, ``frames``, the
@@ -147,14 +157,16 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
     lpips = load_lpips(device=model.device)
     report = {"machine": machine_description(model.device), "model": model.name,
               "dtype": str(model.dtype).replace("torch.", ""), "frames": frames, "presets": {}}
-    for name in presets:
-        config = MorphConfig.preset(name, frames=frames, **(overrides or {}))
+    runs = [(name, name, "impus") for name in presets] if "impus" in methods else []
+    runs += [(method, presets[0], method) for method in methods if method != "impus"]
+    for name, preset, method in runs:
+        config = MorphConfig.preset(preset, frames=frames, method=method, **(overrides or {}))
         reset_peak_memory(model.device)
         result = morph(model, image0, image1, prompt, config, lpips=lpips, progress=progress)
         d = result.distances
         report["presets"][name] = {
             "stages": {k: {"seconds": round(v.seconds, 3), "unet_evals": v.unet_evals}
-                       for k, v in sorted(result.stats.items(), key=lambda kv: STAGE_ORDER.index(kv[0]))},
+                       for k, v in sorted(result.stats.items(), key=lambda kv: _stage_rank(kv[0]))},
             "total_unet_evals": result.unet_evals, "total_seconds": round(result.seconds, 3),
             "peak_memory_mb": round(peak_memory_mb(model.device), 1), "frames": len(result.frames),
             "pdv": pdv(d), "ppl_path_sum": ppl_path_sum(d), "smoothness": smoothness(d),

@@ -192,6 +192,9 @@ def _add_bench(sub) -> None:
                         "a folder of pair folders (default: data/pairs)")
     p.add_argument("--prompt", default="cat face dog face", help="prompt (default 'cat face dog face')")
     p.add_argument("--presets", nargs="+", default=["paper", "fast"], choices=sorted(PRESETS))
+    p.add_argument("--methods", default="impus",
+                   help="comma-separated methods: impus once per preset, each other method once on "
+                        "the first preset with its own settings (default impus)")
     p.add_argument("--frames", type=int, default=16, help="frames per morph (default 16)")
     p.add_argument("--size", type=int, help="image side (default: the model's resolution)")
     mode = p.add_mutually_exclusive_group()
@@ -253,8 +256,9 @@ def _run_bench(args) -> int:
         else:
             pair = find_pairs(args.pair or data_path("pairs", "emoji_cat_dog"))[0]
             overrides = {"size": args.size} if args.size else {}
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             report = bench.bench_presets(model, pair.image0, pair.image1, args.prompt, args.presets,
-                                         args.frames, overrides)
+                                         args.frames, overrides, methods=methods)
             text = bench.format_report(report)
     print(text)
     if args.out:

@@ -227,3 +227,15 @@ def test_frame_realism_ranks_rows_with_a_random_inception(tmp_path):
     assert values["near"]["fid"] < values["far"]["fid"]
     assert all(v["fid"] >= 0 for v in values.values())
     assert "4 inputs, 4 frames per row" in note and "random weights" in note
+
+
+def test_bench_runs_other_methods_next_to_the_presets(tiny_model, image_pair):
+    report = bench_presets(tiny_model, image_pair[0], image_pair[1], "a photo", ["fast"], frames=3,
+                           overrides={k: v for k, v in TINY_CONFIG.to_dict().items()
+                                      if k in ("text_steps", "lora_steps", "inversion_steps", "sample_steps")},
+                           progress=False, methods=["impus", "slerp"])
+    assert list(report["presets"]) == ["fast", "slerp"]
+    slerp = report["presets"]["slerp"]
+    assert list(slerp["stages"]) == ["encode", "inversion", "frames"] and slerp["frames"] == 3
+    assert slerp["total_unet_evals"] < report["presets"]["fast"]["total_unet_evals"]
+    assert "slerp" in format_report(report)
