@@ -11,15 +11,20 @@ its self-attention looks at the generations of the two endpoints. Two passes:
    holds, each chosen layer computes its own queries ``Q = W_q h`` and attends with one of the
    :data:`FORMS`; at the other timesteps it runs the processor it replaced, unchanged.
 
-    ======  ==========================================================  ====================
-    inner   Attn(Q, (1-a) K_0 + a K_1, (1-a) V_0 + a V_1)               DiffMorpher; AID inner
-    ======  ==========================================================  ====================
+    ===========  ================================================================  ============
+    inner        Attn(Q, (1-a) K_0 + a K_1, (1-a) V_0 + a V_1)                     DiffMorpher;
+                                                                                   AID inner
+    outer        (1-a) Attn(Q, K_0, V_0) + a Attn(Q, K_1, V_1)                     AID outer
+    fused        (1-a) Attn(Q, [K, K_0], [V, V_0]) + a Attn(Q, [K, K_1], [V, V_1])  AID fused
+    fused-inner  Attn(Q, [K, (1-a) K_0 + a K_1], [V, (1-a) V_0 + a V_1])           AID variant
+    ===========  ================================================================  ============
 
-with ``Attn(Q, K, V) = softmax(Q K^T / sqrt(d)) V`` per head of width d. A form is one function
-of the signature of :func:`inner_interpolation` registered in :data:`FORMS`; AID's "outer" form
-(``(1-a) Attn(Q, K_0, V_0) + a Attn(Q, K_1, V_1)``, the attention outputs interpolated) and its
-"fused" forms (the frame's own K, V concatenated with the endpoints') fit the same signature:
-every form receives the frame's own keys and values as well as the endpoints'.
+with ``Attn(Q, K, V) = softmax(Q K^T / sqrt(d)) V`` per head of width d and ``[., .]`` the
+concatenation along the token axis (K, V the frame's own keys and values). A form is one
+function of the signature of :func:`inner_interpolation` registered in :data:`FORMS`: every
+form receives the frame's own keys and values as well as the endpoints'. Cross-attention
+interpolation (:func:`interpolating_cross`) computes the endpoints' keys and values from their
+text embeddings, so nothing needs recording.
 
 The projections run through the layer's own ``to_q``, ``to_k``, ``to_v`` and ``to_out``, so LoRA
 adapters that peft attached to them (and their weights, e.g. from ``unet.set_adapters``) act

@@ -64,10 +64,8 @@ import torch
 
 from ..attention import (AttentionBank, cross_attention_layers, interpolating, interpolating_cross,
                          recording, self_attention_layers)
-from ..cache import stage_key
 from ..errors import InputError
 from ..interp import lerp, slerp
-from ..inversion import ddim_invert
 from ..perceptual import smoothness
 from ..schedules import Distance, FrameCache, beta_alphas, fixed_schedule
 from ..text import encode_prompt
@@ -316,23 +314,8 @@ def run(model, image0, image1, prompt, config, cache_dir=None, lpips=None, progr
     embeddings = torch.cat([encode_prompt(model, p) for p in prompts])
     uncond = encode_prompt(model, options.negative_prompt, allow_empty=True)
     latents = run.latents()
-    codes = []
-    with run.stage("inversion") as stats:
-        for i in range(2):
-            key = stage_key("inversion", image=run.digests[i], steps=c.inversion_steps,
-                            spacing=c.timestep_spacing, model=model.fingerprint,
-                            dtype=str(model.dtype), prompt=prompts[i], text="prompt")
-            cached = run.cache.load("inversion", key)
-            if cached is None:
-                cached = {"code": ddim_invert(model, latents[i:i + 1], embeddings[i:i + 1],
-                                              c.inversion_steps, progress=progress,
-                                              desc=f"inversion {i}",
-                                              timestep_spacing=c.timestep_spacing).cpu()}
-                run.cache.save("inversion", key, cached)
-            else:
-                stats.cached = True
-            codes.append(cached["code"].to(model.device))
-    morph = AttentionMorph(model, torch.cat(codes), embeddings, uncond, options, steps, c.timestep_spacing)
+    codes = run.inverted_codes(latents, embeddings, c.inversion_steps, prompts)
+    morph = AttentionMorph(model, codes, embeddings, uncond, options, steps, c.timestep_spacing)
     with run.stage("endpoints"):
         morph.endpoints()
     run.notes.append(f"AID {options.form} attention interpolation ({options.attention}) for "

@@ -75,6 +75,41 @@ class MethodRun:
         with self.stage("encode"):
             return self.model.encode(self.images)
 
+    def inverted_codes(self, latents: torch.Tensor, embeddings: torch.Tensor, steps: int,
+                       prompts: Sequence[str], adapters: Sequence[Optional[str]] = (None, None),
+                       extra_keys: Sequence[Optional[dict]] = (None, None)) -> torch.Tensor:
+        """Stage "inversion": DDIM codes (2, C, h, w) of the two latents (2, C, h, w) with their
+        embeddings (2, L, D), guidance 1, ``steps`` steps on ``config.timestep_spacing``'s grid,
+        image i through LoRA adapter ``adapters[i]`` (None: the base model).
+
+        Cached per image by its content, the model and its dtype, ``prompts[i]``, the steps and
+        the grid (plus ``extra_keys[i]``, e.g. the adapter's own key), so methods that invert
+        the same image with the same plain prompt share the codes. ``cached`` is set when both
+        came from the cache."""
+        from ..cache import stage_key
+        from ..inversion import ddim_invert
+
+        codes, hits = [], 0
+        with self.stage("inversion") as stats:
+            for i in range(2):
+                parts = dict(image=self.digests[i], steps=steps, spacing=self.config.timestep_spacing,
+                             model=self.model.fingerprint, dtype=str(self.model.dtype),
+                             prompt=prompts[i], text="prompt", **(extra_keys[i] or {}))
+                key = stage_key("inversion", **parts)
+                cached = self.cache.load("inversion", key)
+                if cached is None:
+                    code = ddim_invert(self.model, latents[i:i + 1], embeddings[i:i + 1], steps,
+                                       adapter=adapters[i], progress=self.progress,
+                                       desc=f"inversion {i}",
+                                       timestep_spacing=self.config.timestep_spacing)
+                    cached = {"code": code.cpu()}
+                    self.cache.save("inversion", key, cached)
+                else:
+                    hits += 1
+                codes.append(cached["code"].to(self.model.device))
+            stats.cached = hits == 2
+        return torch.cat(codes)
+
     def finish(self, schedule: Schedule, lora_rank: int = 0, step: Optional[float] = None) -> MorphResult:
         """The :class:`MorphResult` of the chosen frames, with the end errors against the inputs
         and against the VAE's reconstruction of them."""

@@ -62,7 +62,6 @@ from ..attention import AttentionBank, interpolating, recording, self_attention_
 from ..cache import stage_key
 from ..errors import InputError
 from ..interp import Alphas, slerp
-from ..inversion import ddim_invert
 from ..lora import adapter_state, add_lora, load_adapter_state, max_adapter_rank, train_lora
 from ..text import encode_prompt, unconditional_embedding
 from .base import frame_schedule, parse_options, start_run
@@ -304,28 +303,10 @@ def _train_adapters(run, names, rank, latents, cond, o) -> list[str]:
 def _invert(run, names, lora_keys, latents, cond, o) -> torch.Tensor:
     """Stage "inversion": each image's code (2, C, h, w) with its own adapter, guidance 1.
     Without LoRA the key is the slerp method's, so the two share cached codes."""
-    model, c = run.model, run.config
-    codes = []
-    with run.stage("inversion") as stats:
-        hits = 0
-        for i in range(2):
-            parts = dict(image=run.digests[i], steps=o.steps, spacing=c.timestep_spacing,
-                         model=model.fingerprint, dtype=str(model.dtype), prompt=run.prompt, text="prompt")
-            if names:
-                parts["lora"] = lora_keys[i]
-            key = stage_key("inversion", **parts)
-            cached = run.cache.load("inversion", key)
-            if cached is None:
-                code = ddim_invert(model, latents[i:i + 1], cond, o.steps, adapter=names[i] if names else None,
-                                   progress=run.progress, desc=f"inversion {i}",
-                                   timestep_spacing=c.timestep_spacing)
-                cached = {"code": code.cpu()}
-                run.cache.save("inversion", key, cached)
-            else:
-                hits += 1
-            codes.append(cached["code"].to(model.device))
-        stats.cached = hits == 2
-    return torch.cat(codes)
+    adapters = list(names) if names else [None, None]
+    extra = [{"lora": key} for key in lora_keys] if names else [None, None]
+    return run.inverted_codes(latents, cond.expand(2, -1, -1), o.steps, (run.prompt, run.prompt),
+                              adapters, extra)
 
 
 def _renderer(run, names, codes, cond, uncond, o):

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..cache import stage_key
 from ..interp import lerp, slerp
-from ..inversion import ddim_invert, ddim_sample
+from ..inversion import ddim_sample
 from ..text import encode_prompt, unconditional_embedding
 from .base import frame_schedule, parse_options, start_run
 
@@ -49,23 +46,7 @@ def run(model, image0, image1, prompt, config, cache_dir=None, lpips=None, progr
     latents = run.latents()
     cond = encode_prompt(model, prompt).expand(2, -1, -1)
     uncond = unconditional_embedding(model)
-    codes = []
-    with run.stage("inversion") as stats:
-        for i in range(2):
-            key = stage_key("inversion", image=run.digests[i], steps=c.inversion_steps,
-                            spacing=c.timestep_spacing, model=model.fingerprint,
-                            dtype=str(model.dtype), prompt=prompt, text="prompt")
-            cached = run.cache.load("inversion", key)
-            if cached is None:
-                cached = {"code": ddim_invert(model, latents[i:i + 1], cond[i:i + 1],
-                                              c.inversion_steps, progress=progress,
-                                              desc=f"inversion {i}",
-                                              timestep_spacing=c.timestep_spacing).cpu()}
-                run.cache.save("inversion", key, cached)
-            else:
-                stats.cached = True
-            codes.append(cached["code"].to(model.device))
-    codes = torch.cat(codes)
+    codes = run.inverted_codes(latents, cond, c.inversion_steps, (prompt, prompt))
 
     def render(alphas):
         k = len(alphas)
