@@ -136,3 +136,17 @@ def test_notebook_and_its_solutions_execute_in_smoke_mode_with_their_figures(pat
     total = sum(pngs(c) for c in main if c.cell_type == "code")
     promised = notebook.metadata.get("impus_lite", {}).get("figures", 1)
     assert total >= promised, f"{path.name}: {total} figures, the notebook promises {promised}"
+
+
+def test_notebook_09_runs_every_method_with_the_published_metrics():
+    """Notebook 09 puts every method of impus_lite.methods side by side: a method added to the
+    package must get its row in the notebook's RUNS table (the notebook asserts the same when it
+    runs), and the table's numbers come from impus_lite.metrics, not from code of its own."""
+    from impus_lite.config import METHODS
+
+    path = NOTEBOOK_DIR / "09_impus_among_neighbours.ipynb"
+    code = "\n".join(cell.source for cell in read(path).cells if cell.cell_type == "code")
+    missing = [method for method in METHODS if f'"{method}": (' not in code]
+    assert not missing, f"{path.name}: no run of {missing} in RUNS"
+    for needed in ("compute_many(", "impus_lite.morph(", "method_options"):
+        assert needed in code, f"{path.name}: {needed} is gone"
