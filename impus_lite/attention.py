@@ -115,6 +115,35 @@ class TimestepClock:
 # Attention and the interpolation forms
 # --------------------------------------------------------------------------------------------
 
+def _attention_inputs(attn, hidden_states: torch.Tensor, temb: Optional[torch.Tensor],
+                      attention_mask: Optional[torch.Tensor], key_tokens: Optional[int] = None):
+    """What diffusers' ``AttnProcessor2_0`` does before the projections: spatial norm, (B, C, H, W)
+    -> (B, HW, C) tokens, the mask shaped (B, heads, 1, key tokens) for ``key_tokens`` keys
+    (None: the hidden states' own tokens), group norm. Returns (hidden states, mask)."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.flatten(2).transpose(1, 2)
+    batch, tokens, _ = hidden_states.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens or tokens, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, attention_mask
+
+
+def _attention_output(attn, out: torch.Tensor, shape: torch.Size, residual: torch.Tensor) -> torch.Tensor:
+    """What ``AttnProcessor2_0`` does after attending: output projection and dropout, back to the
+    input's ``shape``, the residual connection, the rescale."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    if len(shape) == 4:
+        out = out.transpose(-1, -2).reshape(shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
 def attention(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``softmax(Q K^T / sqrt(d)) V`` per head, as diffusers' ``AttnProcessor2_0`` computes it.
@@ -189,24 +218,10 @@ class KeyValueProcessor:
         if encoder_hidden_states is not None or not self.applies():
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual, shape = hidden_states, hidden_states.shape
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)
-        batch, tokens, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states, attention_mask = _attention_inputs(attn, hidden_states, temb, attention_mask)
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         out = self.attend(attn, query, key, value, attention_mask)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if len(shape) == 4:
-            out = out.transpose(-1, -2).reshape(shape)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return _attention_output(attn, out, shape, residual)
 
 
 class RecordingProcessor(KeyValueProcessor):
@@ -407,17 +422,9 @@ class CrossInterpolatingProcessor(KeyValueProcessor):
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                                  *args, **kwargs)
         residual, shape = hidden_states, hidden_states.shape
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        hidden_states, attention_mask = _attention_inputs(attn, hidden_states, temb, attention_mask,
+                                                          encoder_hidden_states.shape[1])
         batch = hidden_states.shape[0]
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1],
-                                                         batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
         context = torch.cat([encoder_hidden_states,
                              self.embeddings.to(encoder_hidden_states.device, encoder_hidden_states.dtype)])
@@ -433,12 +440,7 @@ class CrossInterpolatingProcessor(KeyValueProcessor):
                        values[batch + e:batch + e + 1].expand(batch, -1, -1)) for e in (0, 1)]
         alpha = self.alphas.to(query.device, torch.float32).repeat(batch // frames).view(-1, 1, 1)
         out = self.form(attn, query, own, start, end, alpha, attention_mask)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if len(shape) == 4:
-            out = out.transpose(-1, -2).reshape(shape)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return _attention_output(attn, out, shape, residual)
 
 
 def interpolating_cross(unet, embeddings: torch.Tensor, alphas: Union[float, Sequence[float], torch.Tensor],
