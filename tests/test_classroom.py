@@ -6,7 +6,9 @@ synthetic images and the models use the "tiny" architecture.
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -439,6 +441,19 @@ def test_pairs_report_how_switch_like_a_morph_is_and_draw_its_end_frames(trained
     assert "| red square -> blue circle |" in lines[3] and "even steps: 0.500" in lines[-1]
     figure = end_frames_figure(morphs, tmp_path / "ends.png")
     assert Image.open(figure).size == (2 * 130, 430)  # 1.3 x 4.3 inches per column at 100 dpi
+
+
+def test_pair_folders_are_read_by_evaluate_with_their_pixels_and_prompt(data_dir, tmp_path):
+    from impus_lite.classroom.pairs import write_pair_folders
+    from impus_lite.evaluation import find_pairs
+
+    folders = write_pair_folders(tmp_path / "pairs", [("blue circle", "red square")], data_dir)
+    (pair,) = find_pairs(tmp_path / "pairs")
+    assert pair.prompt == "blue circle red square" and Path(pair.image0).parent == folders[0]
+    data = C.EmojiDataset.load(data_dir)
+    for path, caption in ((pair.image0, "blue circle"), (pair.image1, "red square")):
+        pixels = torch.from_numpy(np.asarray(Image.open(path)))
+        assert torch.equal(pixels, data.images[data.index_of(caption)])  # lossless, in order
 
 
 def test_command_line_help(capsys):

@@ -9,6 +9,7 @@ from ..models import CLASSROOM_DIR
 from .data import NOTO_EMOJI_FONT, build_emoji_dataset, default_data_dir
 from .evaluate import evaluate
 from .export import export, weights_megabytes
+from .pairs import SWITCH_PAIRS
 from .tokenizer import caption_words
 from .train import ARCHITECTURES, TrainConfig, set_threads, train
 
@@ -66,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("--frames", type=int, default=9, help="uniform frames per morph")
     pairs.add_argument("--figure", default=None,
                        help="PNG to save: input | VAE reconstruction | morph end frame per emoji")
+    pairs.add_argument("--folders", default=None, metavar="DIR",
+                       help="only write the pairs as pair folders for `impus_lite evaluate` "
+                            "(the first --count of them) and stop")
+    pairs.add_argument("--count", type=int, default=len(SWITCH_PAIRS),
+                       help=f"how many of the {len(SWITCH_PAIRS)} pairs (default all)")
     pairs.add_argument("--threads", type=int, default=None)
     return parser
 
@@ -95,10 +101,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           args.inversion_steps, seed=args.seed, grid_path=args.grid)
         print("\n".join(report.lines()))
     elif args.command == "pairs":
-        from .pairs import end_frames_figure, morph_pairs, report_lines
+        from .pairs import end_frames_figure, morph_pairs, report_lines, write_pair_folders
 
+        chosen = SWITCH_PAIRS[:max(1, args.count)]
+        if args.folders:
+            for folder in write_pair_folders(args.folders, chosen, args.data):
+                print(f"wrote {folder}")
+            return 0
         set_threads(args.threads)
-        morphs = morph_pairs(args.model, frames=args.frames, data_dir=args.data)
+        morphs = morph_pairs(args.model, pairs=chosen, frames=args.frames, data_dir=args.data)
         print("\n".join(report_lines(morphs)))
         if args.figure:
             print(f"wrote {end_frames_figure(morphs, args.figure)}")

@@ -79,6 +79,27 @@ def morph_pairs(model_name: str = "classroom", pairs: Sequence[tuple[str, str]] 
     return out
 
 
+def write_pair_folders(out_dir: Union[str, Path], pairs: Sequence[tuple[str, str]] = SWITCH_PAIRS,
+                       data_dir: Union[str, Path, None] = None) -> list[Path]:
+    """Write each pair of training emoji as a pair folder that ``evaluate`` reads:
+    ``out_dir/<caption0>_<caption1>/`` with ``0_<caption0>.png``, ``1_<caption1>.png`` (64x64
+    RGB, white background) and ``prompt.txt`` ("caption0 caption1", as :func:`morph_pairs`).
+    Returns the folders, in the order of ``pairs``."""
+    from PIL import Image
+
+    data = EmojiDataset.load(data_dir or default_data_dir())
+    folders = []
+    for pair in pairs:
+        folder = Path(out_dir) / "_".join(c.replace(" ", "-") for c in pair)
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, caption in enumerate(pair):
+            pixels = data.images[data.index_of(caption)].numpy()
+            Image.fromarray(pixels).save(folder / f"{k}_{caption.replace(' ', '_')}.png")
+        (folder / "prompt.txt").write_text(" ".join(pair) + "\n")
+        folders.append(folder)
+    return folders
+
+
 def end_frames_figure(morphs: Sequence[PairMorph], path: Union[str, Path],
                       scale: int = 2) -> Path:
     """A PNG with one column per emoji (both ends of each pair) and three rows: the input, the
