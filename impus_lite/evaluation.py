@@ -259,7 +259,9 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
     """Evaluate every pair under ``pairs_root`` and write the tables and plots to ``out_dir``.
 
     Writes ``results.csv`` (a row per pair and ablation), ``summary.csv``, ``summary.md``,
-    ``summary.png`` and ``results.json``. Under ``accelerate launch`` each process takes every
+    ``summary.png``, ``results.json``, each row's strip in ``strips/<pair>-<row>.png`` and all
+    of them, one under another and labelled, in ``strips.png`` (``strips-<rank>.png`` per
+    process under ``accelerate``). Under ``accelerate launch`` each process takes every
     n-th pair and writes ``parts/results-<rank>.json``; the main process merges them. Returns
     the merged results on the main process (None on the others).
 
@@ -272,6 +274,7 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
 
     from .models import load_model
     from .perceptual import load_lpips
+    from .viz import stack_strips, strip
 
     if base.frames is None:
         raise InputError("Evaluation compares rows at one frame count: set frames=N.")
@@ -286,6 +289,7 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
     rows = []
     frames: dict[str, list] = {}
     inputs = []
+    labelled = []
     for pair in mine:
         strips = {}
         rows += evaluate_pair(model, pair, base, ablations, out / "cache" / pair.name, lpips, progress,
@@ -294,9 +298,13 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
         for name, result in strips.items():
             result.save(out / "strips" / f"{pair.name}-{name}.png")
             frames.setdefault(name, []).append(result.images)
+            labelled.append((f"{pair.name}\n{name}", strip(result.frames, result.alphas)))
         size = next(iter(strips.values())).images.shape[-1]
         inputs.append(torch.cat([load_image(path, size, base.resize_mode, base.resample)
                                  for path in (pair.image0, pair.image1)]))
+    if labelled:
+        name = "strips.png" if state.num_processes == 1 else f"strips-{state.process_index}.png"
+        stack_strips(labelled).save(out / name)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     (parts / f"results-{state.process_index}.json").write_text(json.dumps(rows))

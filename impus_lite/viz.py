@@ -31,6 +31,21 @@ def strip(frames: Sequence[Image.Image], alphas: Optional[Sequence[float]] = Non
     return canvas
 
 
+def stack_strips(rows: Sequence[tuple[str, Image.Image]], label_width: int = 150) -> Image.Image:
+    """Strips one under another, each with its label (may hold newlines) in a white column on
+    the left; a strip narrower than the widest is left-aligned. Returns one RGB image of width
+    ``label_width`` + the widest strip and height the sum of the strips' heights."""
+    width = label_width + max(image.width for _, image in rows)
+    canvas = Image.new("RGB", (width, sum(image.height for _, image in rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    top = 0
+    for label, image in rows:
+        canvas.paste(image.convert("RGB"), (label_width, top))
+        draw.multiline_text((4, top + 4), label, fill="black")
+        top += image.height
+    return canvas
+
+
 def _upscale(frames: Sequence[Image.Image], min_side: int) -> list[Image.Image]:
     out = []
     for f in frames:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from conftest import TINY_CONFIG, smooth_image
 from impus_lite.bench import SavedActivations, bench_presets, format_report, training_memory
@@ -212,6 +213,9 @@ def test_evaluate_compares_methods_in_one_table(pairs_root, tmp_path, monkeypatc
     assert "| slerp | full |" in summary and "DiffMorpher's PPL and PDV on these 3 frames" in summary
     assert "FID" in summary  # the values, or the one sentence saying why they are missing
     assert len(list((out / "strips").glob("*-slerp.png"))) == 2
+    one = Image.open(out / "strips" / f"{sorted(p.name for p in pairs_root.iterdir())[0]}-slerp.png")
+    together = Image.open(out / "strips.png")       # 2 pairs x 2 methods, one under another
+    assert together.size == (150 + one.width, 4 * one.height)
     assert main(["evaluate", str(pairs_root), "--model", "tiny", "--methods", "impus,morphing",
                  "--out", str(tmp_path / "other")]) == 2
     assert not (tmp_path / "other").exists()
