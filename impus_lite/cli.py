@@ -143,7 +143,7 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="ablations and methods with PPL, PDV and smoothness over image pairs",
                        description="Morph every pair under PAIRS once per ablation and write "
                                    "results.csv, summary.csv, summary.md, summary.png and "
-                                   "strips/ to DIR. Run under `accelerate launch` to split the "
+                                   "strips/ and strips.png to DIR. Run under `accelerate launch` to split the "
                                    "pairs across GPUs.")
     p.add_argument("pairs", help="a folder of pair folders (two images and an optional prompt.txt "
                                  "each), or one pair folder")
@@ -172,7 +172,7 @@ def _run_evaluate(args) -> int:
                              methods=methods)
     if results is not None:
         print((Path(args.out) / "summary.md").read_text())
-        print(f"wrote {args.out}/results.csv, summary.csv, summary.md, summary.png, strips/")
+        print(f"wrote {args.out}/results.csv, summary.csv, summary.md, summary.png, strips/, strips.png")
     return 0
 
 
