@@ -142,9 +142,9 @@ def _add_evaluate(sub) -> None:
 
     p = sub.add_parser("evaluate", help="ablations and methods with PPL, PDV and smoothness over image pairs",
                        description="Morph every pair under PAIRS once per ablation and write "
-                                   "results.csv, summary.csv, summary.md, summary.png and "
-                                   "strips/ and strips.png to DIR. Run under `accelerate launch` to split the "
-                                   "pairs across GPUs.")
+                                   "results.csv, summary.csv, summary.md, summary.png, strips/ "
+                                   "and strips.png to DIR. Run under `accelerate launch` to "
+                                   "split the pairs across GPUs.")
     p.add_argument("pairs", help="a folder of pair folders (two images and an optional prompt.txt "
                                  "each), or one pair folder")
     p.add_argument("--model", default="tiny", help="model name, as for morph (default tiny)")
