@@ -182,12 +182,13 @@ PRESETS = {
     # sampling starts at t=931), the code's rPPD probe, Gaussian LoRA initialisation. What it
     # cannot reproduce (random draws, the unbounded rank) is listed in the README.
     "paper": MorphConfig(),
-    # Fewer, better-used UNet evaluations: 50-step inversion (reported as about as good as
-    # 250), a shorter text optimisation at a higher rate, 12 DDIM steps per frame, and alphas
-    # from at most six batched render passes of the reschedule (through every frame rendered,
-    # with the fitted distance exponent) instead of a frame-by-frame binary search. The rPPD
-    # probe keeps 10 frames: the rank rule is calibrated on 10. Measured in the README's
-    # "Cost and speed".
+    # Fewer, better-used UNet evaluations: 50-step inversion (this package's choice, for speed;
+    # not compared with 250: the README's "One grid, and how close the ends come" measures its
+    # round trip with 12 sampling steps), a shorter text optimisation at a higher rate, 12 DDIM
+    # steps per frame, and alphas from at most six batched render passes of the reschedule
+    # (through every frame rendered, with the fitted distance exponent) instead of a
+    # frame-by-frame binary search. The rPPD probe keeps 10 frames: the rank rule is calibrated
+    # on 10. Measured in the README's "Cost and speed".
     # It also keeps the aspect ratio (centre crop, Lanczos), runs in the device's half precision
     # on a GPU, puts inversion and sampling on trailing grids that meet at t=999, and reads the
     # paper's rPPD equation.

@@ -34,6 +34,13 @@ STALE_PHRASES = {
     "have no `prompt.txt`": "the bundled pairs carry a prompt.txt",
     "does not run as published": "unsourced: cite the issue thread or drop it",
     "W(\\xi_0, \\xi) + \\alpha W(\\xi_1, \\xi)": "the barycenter objective uses W squared",
+    "model of smoke mode": "smoke mode uses the classroom model, a small trained one",
+    "random model the frames add": "smoke mode uses the classroom model, a small trained one",
+    "32 for the tiny model": "the classroom model's text embeddings have D = 128",
+    "about not measured yet": "say 'not measured yet' without 'about'",
+    "compared in notebooks 06 and 08": "notebook 09 compares DiffMorpher; 06 uses its reschedule",
+    "reported as about as good": "unsourced: 50 inversion steps are this package's choice for speed",
+    "be about as good)": "unsourced: 50 inversion steps are this package's choice for speed",
 }
 SOLUTION = re.compile(r"<details>.*?```python\n(.*?)```.*?</details>", re.S)
 INSTALL_URL = re.compile(r'^REPO_URL = "([^"]+)"', re.M)
