@@ -43,6 +43,21 @@ def _offline() -> bool:
                for k in ("IMPUS_LITE_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``, default
+    huggingface.co, port 443) opens within ``timeout`` seconds. Offline, the hub client retries
+    for most of a minute before giving up; this answers in at most ``timeout``."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _build_lpips(pretrained_trunk: bool):
     import lpips
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():

@@ -204,3 +204,35 @@ def test_the_text_stage_is_cached_and_shared_with_impus(tiny_model, image_pair, 
     result = run_method(tiny_model, *image_pair, "a photo", config, cache_dir=tmp_path, lpips=lpips_random,
                         progress=False)
     assert result.stats["text"].cached and result.stats["text"].unet_evals == 0
+
+
+def test_clip_loads_from_the_local_cache_only_when_the_hub_cannot_be_reached(monkeypatch):
+    import socket
+
+    import transformers
+    from impus_lite import perceptual
+
+    def unreachable(address, timeout=None):
+        assert address == ("huggingface.co", 443) and timeout == 3.0
+        raise OSError("no route to host")
+
+    monkeypatch.delenv("IMPUS_LITE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    assert not perceptual._hub_reachable()
+    calls = []
+
+    def from_pretrained(source, **kwargs):
+        calls.append(kwargs)
+        raise OSError("not in the local cache")
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", from_pretrained)
+    with pytest.raises(OSError):
+        wg.ClipScorer("openai/clip-vit-large-patch14", torch.device("cpu"))
+    assert calls == [{"local_files_only": True}]  # no minute of retries against the hub
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: socket.socket())
+    assert perceptual._hub_reachable()
+    with pytest.raises(OSError):
+        wg.ClipScorer("openai/clip-vit-large-patch14", torch.device("cpu"))
+    assert calls[-1] == {"local_files_only": False}

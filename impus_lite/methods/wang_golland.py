@@ -70,6 +70,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -231,10 +232,12 @@ class ClipScorer:
     def __init__(self, source: str, device: torch.device):
         from transformers import AutoTokenizer, CLIPModel
 
-        from ..perceptual import _offline
+        from ..perceptual import _hub_reachable, _offline
 
-        self.model = CLIPModel.from_pretrained(source, local_files_only=_offline()).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=_offline())
+        # A folder loads as it is; a hub id from the local cache when the hub cannot be reached.
+        local = Path(source).is_dir() or _offline() or not _hub_reachable()
+        self.model = CLIPModel.from_pretrained(source, local_files_only=local).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         self.device = device
         self.size = int(self.model.config.vision_config.image_size)
 
