@@ -194,6 +194,7 @@ def test_settings_it_cannot_honour_are_named(tiny_model, image_pair, lpips_rando
     result = morph(tiny_model, image_pair, lpips_random, frames=3, lora_rank=4, inversion_steps=7)
     note = next(n for n in result.notes if "does not use" in n)
     assert "lora_rank" in note and "inversion_steps" in note and "text_steps" not in note
+    assert "method_options" in note  # where its own settings are
 
 
 def test_the_text_stage_is_cached_and_shared_with_impus(tiny_model, image_pair, lpips_random, tmp_path):

@@ -145,7 +145,8 @@ def start_run(method: str, uses: Sequence[str], model: DiffusionModel, image0: I
         notes.append(f"weights cast from {before} to {config.precision} (config.precision)")
     ignored = ignored_fields(config, uses)
     if ignored:
-        notes.append(f"{method} does not use {', '.join(ignored)} (set in the config)")
+        notes.append(f"{method} does not use {', '.join(ignored)} (set in the config; its own "
+                     "steps, ranks and rates are method_options, see its Options)")
     return MethodRun(model=model, images=images, prompt=prompt, config=config,
                      cache=StageCache(cache_dir), lpips=lpips or load_lpips(device=model.device),
                      progress=progress, digests=[tensor_digest(images[i]) for i in range(2)],
