@@ -147,7 +147,8 @@ def _add_evaluate(sub) -> None:
                                    "split the pairs across GPUs.")
     p.add_argument("pairs", help="a folder of pair folders (two images and an optional prompt.txt "
                                  "each), or one pair folder")
-    p.add_argument("--model", default="tiny", help="model name, as for morph (default tiny)")
+    p.add_argument("--model", default="classroom",
+                   help="model name, as for morph (default classroom: shipped, offline)")
     p.add_argument("--preset", default="fast", choices=sorted(PRESETS), help="base settings")
     p.add_argument("--frames", type=int, default=9, help="frames per morph (default 9)")
     p.add_argument("--ablations", nargs="+", default=None, choices=list(ABLATIONS),
@@ -185,8 +186,8 @@ def _add_bench(sub) -> None:
                                    "Diffusion 1.5 / 2.1 architectures with random weights (timings "
                                    "and memory without a download). The other modes measure one "
                                    "thing each instead of comparing presets.")
-    p.add_argument("--model", default="tiny",
-                   help="'tiny', 'classroom', 'sd15-random', 'sd21-random' or any model name")
+    p.add_argument("--model", default="classroom",
+                   help="'tiny', 'classroom' (default), 'sd15-random', 'sd21-random' or any model name")
     p.add_argument("--pair", default=None,
                    help="folder with two images (default: data/pairs/emoji_cat_dog); with --round-trip "
                         "a folder of pair folders (default: data/pairs)")

@@ -142,3 +142,11 @@ def test_method_options_from_the_command_line(tmp_path, capsys):
     assert main(["morph", str(pair[0]), str(pair[1]), "--prompt", "a photo", "--model", "tiny",
                  "--method", "slerp", "--method-option", "strength", "--out", str(tmp_path / "o2")]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_evaluate_and_bench_default_to_the_shipped_classroom_model():
+    from impus_lite.cli import build_parser
+    parser = build_parser()
+    assert parser.parse_args(["evaluate", "PAIRS", "--out", "o"]).model == "classroom"
+    assert parser.parse_args(["bench"]).model == "classroom"
+    assert parser.parse_args(["morph", "a.png", "b.png", "--prompt", "p", "--out", "o"]).model != "tiny"
