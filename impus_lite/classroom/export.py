@@ -99,6 +99,7 @@ def export(checkpoint_dir: Union[str, Path] = None, out_dir: Union[str, Path] = 
         "vae_steps": torch.load(checkpoint_dir / "vae.pt", weights_only=False)["step"],
         "unet_steps": unet_state["step"], "ema": use_ema, "dtype": str(dtype),
         "text_encoder_dtype": str(torch.float32),
+        "train_config": json.loads((checkpoint_dir / "config.json").read_text()),
         "unet_loss_history": unet_state["history"][-20:]}, indent=1))
     old = out_dir.with_name(out_dir.name + f".old{os.getpid()}")
     if out_dir.exists():
