@@ -190,7 +190,7 @@ PRESETS = {
     # morph costs no more UNet evaluations than DiffMorpher's for the same frames (1,290 against
     # 1,300 at 9 frames); ``reschedule_passes=6`` evens out near-step paths further at about 300
     # more. The rPPD probe keeps 10 frames: the rank rule is calibrated on 10. Measured in the
-    # README's "Cost and speed" and "IMPUS among its neighbours".
+    # README's "Evaluation, cost and speed" and "IMPUS among its neighbours".
     # It also keeps the aspect ratio (centre crop, Lanczos), runs in the device's half precision
     # on a GPU, puts inversion and sampling on trailing grids that meet at t=999, and reads the
     # paper's rPPD equation.
