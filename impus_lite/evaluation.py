@@ -157,8 +157,16 @@ def evaluate_pair(model, pair: Pair, base: MorphConfig, ablations: Sequence[str]
                "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk}
         rows.append(row)
         if on_result is not None:
-            on_result(pair, name if method == "impus" else method, result)
+            on_result(pair, row_label(method, name, comparing=len(methods) > 1), result)
     return rows
+
+
+def row_label(method: str, ablation: str, comparing: bool) -> str:
+    """The name of a row in strips and plots: IMPUS's ablation by name, another method by its
+    own; IMPUS's full pipeline is "impus" when it is compared with other methods."""
+    if method != "impus":
+        return method
+    return "impus" if comparing and ablation == "full" else ablation
 
 
 def summarise(rows: Sequence[dict]) -> list[dict]:
@@ -208,7 +216,8 @@ def plot_summary(summary: Sequence[dict], path: Path) -> Path:
     keys = (*METRICS, "unet_evals")
     fig = Figure(figsize=(4 * len(keys), 3.2))
     axes = fig.subplots(1, len(keys))
-    names = [r["ablation"] if r.get("method", "impus") == "impus" else r["method"] for r in summary]
+    comparing = len({r.get("method", "impus") for r in summary}) > 1
+    names = [row_label(r.get("method", "impus"), r["ablation"], comparing) for r in summary]
     for ax, key in zip(axes, keys):
         ax.bar(names, [r[key] for r in summary], color="tab:blue")
         ax.set_title(key)

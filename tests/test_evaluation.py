@@ -213,6 +213,7 @@ def test_evaluate_compares_methods_in_one_table(pairs_root, tmp_path, monkeypatc
     assert "| slerp | full |" in summary and "DiffMorpher's PPL and PDV on these 3 frames" in summary
     assert "FID" in summary  # the values, or the one sentence saying why they are missing
     assert len(list((out / "strips").glob("*-slerp.png"))) == 2
+    assert len(list((out / "strips").glob("*-impus.png"))) == 2  # not "full" beside other methods
     one = Image.open(out / "strips" / f"{sorted(p.name for p in pairs_root.iterdir())[0]}-slerp.png")
     together = Image.open(out / "strips.png")       # 2 pairs x 2 methods, one under another
     assert together.size == (150 + one.width, 4 * one.height)

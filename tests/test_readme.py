@@ -21,7 +21,9 @@ def test_ci_runs_the_readme_setup_and_test_commands_verbatim():
 
 def test_files_the_readme_names_exist():
     text = (ROOT / "README.md").read_text()
-    for path in re.findall(r"data/pairs/[\w/]+\.(?:png|jpg)", text):
+    paths = re.findall(r"data/pairs/[\w/]+\.(?:png|jpg)|docs/figures/[\w.-]+\.png", text)
+    assert any(p.startswith("docs/figures/") for p in paths)
+    for path in paths:
         assert (ROOT / path).is_file(), path
 
 
