@@ -38,6 +38,7 @@ STALE_PHRASES = {
     "random model the frames add": "smoke mode uses the classroom model, a small trained one",
     "32 for the tiny model": "the classroom model's text embeddings have D = 128",
     "about not measured yet": "say 'not measured yet' without 'about'",
+    "(not measured yet)": "every notebook's CPU runtime is measured: state the figure",
     "compared in notebooks 06 and 08": "notebook 09 compares DiffMorpher; 06 uses its reschedule",
     "reported as about as good": "unsourced: 50 inversion steps are this package's choice for speed",
     "be about as good)": "unsourced: 50 inversion steps are this package's choice for speed",
