@@ -281,9 +281,10 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
     """
     from accelerate import PartialState
 
+    from .cache import atomic_write_bytes
     from .models import load_model
     from .perceptual import load_lpips
-    from .viz import stack_strips, strip
+    from .viz import png_bytes, stack_strips, strip
 
     if base.frames is None:
         raise InputError("Evaluation compares rows at one frame count: set frames=N.")
@@ -305,9 +306,10 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
                               on_result=lambda p, name, r: strips.__setitem__(name, r),
                               methods=methods)
         for name, result in strips.items():
-            result.save(out / "strips" / f"{pair.name}-{name}.png")
+            image = strip(result.frames, result.alphas)   # drawn once: saved, then stacked
+            atomic_write_bytes(out / "strips" / f"{pair.name}-{name}.png", png_bytes(image))
             frames.setdefault(name, []).append(result.images)
-            labelled.append((f"{pair.name}\n{name}", strip(result.frames, result.alphas)))
+            labelled.append((f"{pair.name}\n{name}", image))
         size = next(iter(strips.values())).images.shape[-1]
         inputs.append(torch.cat([load_image(path, size, base.resize_mode, base.resample)
                                  for path in (pair.image0, pair.image1)]))
