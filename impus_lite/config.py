@@ -188,7 +188,7 @@ PRESETS = {
     # three batched render passes of the reschedule (through every frame rendered, with the
     # fitted distance exponent) instead of a frame-by-frame binary search. Sized so that a
     # morph costs no more UNet evaluations than DiffMorpher's for the same frames (1,290 against
-    # 1,300 at 9 frames); ``reschedule_passes=6`` evens out near-step paths further at about 300
+    # 1,300 at 9 frames); ``reschedule_passes=6`` evens out near-step paths further at 280-420
     # more. The rPPD probe keeps 10 frames: the rank rule is calibrated on 10. Measured in the
     # README's "Evaluation, cost and speed" and "IMPUS among its neighbours".
     # It also keeps the aspect ratio (centre crop, Lanczos), runs in the device's half precision
