@@ -260,11 +260,56 @@ def frame_realism(frames: dict[str, list], inputs: torch.Tensor,
                  "thousands of images FID is meant for, so compare rows, not papers.")
 
 
+def data_realism(frames: dict[str, list], references: Optional[torch.Tensor], lpips,
+                 k: int = 3) -> tuple[dict[str, dict], str]:
+    """Realism against a model's training images, with the perceptual trunk: for each row, the
+    mean over all its frames of the LPIPS to the nearest training image
+    (:func:`impus_lite.perceptual.lpips_to_data`) and the k-NN precision of its frames against the
+    training set in the trunk's features (:func:`impus_lite.perceptual.knn_precision`, k = 3).
+
+    Args:
+        frames: row name -> frames (K, 3, H, W) in [-1, 1] of each pair.
+        references: (N, 3, h, w) in [-1, 1], the training images; None: nothing is computed.
+        lpips: an :class:`impus_lite.perceptual.Lpips`.
+    Returns:
+        row name -> {"lpips_to_data", "knn_precision"}, and a one-sentence note.
+    """
+    from .perceptual import knn_precision, lpips_to_data
+
+    if references is None:
+        return {}, ""
+    real = lpips.features(references)
+    out = {}
+    for name, images in frames.items():
+        fake = torch.cat(images).float().cpu()
+        out[name] = {"lpips_to_data": float(lpips_to_data(fake, references, lpips)[0].mean()),
+                     "knn_precision": knn_precision(real, lpips.features(fake), k)[0]}
+    return out, (f"lpips_to_data: mean LPIPS of each frame to its nearest of {len(references)} "
+                 f"training images; knn_precision: share of frames inside the training set's "
+                 f"{k}-NN balls in LPIPS-AlexNet features (Kynkaanniemi et al. 2019).")
+
+
+def training_references(model_name: str, size: int) -> tuple[Optional[torch.Tensor], str]:
+    """The training images a model's realism is measured against, (N, 3, size, size) in [-1, 1]:
+    the classroom model's emoji (rebuilt from the Noto Color Emoji font), else None and why."""
+    if model_name != "classroom":
+        return None, ""
+    from .classroom import build_emoji_dataset
+    try:
+        pixels = build_emoji_dataset(progress=False).pixels()
+    except FileNotFoundError as error:
+        return None, f"No distance to the training data: {error}"
+    if pixels.shape[-1] != size:
+        pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+    return pixels, ""
+
+
 def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union[str, Path],
                    base: MorphConfig, ablations: Sequence[str] = tuple(ABLATIONS),
                    device: Optional[str] = None, dtype: Optional[str] = None,
                    progress: bool = True, methods: Sequence[str] = ("impus",),
-                   inception_weights: str = "auto") -> Optional[dict]:
+                   inception_weights: str = "auto",
+                   references: Optional[torch.Tensor] = None) -> Optional[dict]:
     """Evaluate every pair under ``pairs_root`` and write the tables and plots to ``out_dir``.
 
     Writes ``results.csv`` (a row per pair and ablation), ``summary.csv``, ``summary.md``,
@@ -277,7 +322,10 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
     ``methods``: the methods compared (:func:`variants`). In one process, each row's FID and KID
     of all its frames against all the inputs (:func:`frame_realism`) join the summary when the
     Inception weights can be had (``inception_weights``: "auto" or "random" for tests);
-    otherwise the summary says in one sentence why they are missing.
+    otherwise the summary says in one sentence why they are missing. Likewise each row's LPIPS
+    to the nearest training image and k-NN precision (:func:`data_realism`) against
+    ``references`` (N, 3, h, w) in [-1, 1], by default the classroom model's emoji when the
+    model is "classroom" and their font is installed.
     """
     from accelerate import PartialState
 
@@ -329,14 +377,22 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
     realism_note = ""
     if state.num_processes == 1:
         realism, realism_note = frame_realism(frames, torch.cat(inputs), inception_weights)
+        if references is None and frames:
+            references, data_note = training_references(model_name, next(iter(frames.values()))[0].shape[-1])
+        else:
+            data_note = ""
+        to_data, to_data_note = data_realism(frames, references, lpips)
+        realism_note = " ".join(n for n in (realism_note, to_data_note, data_note) if n)
         for row in summary:
-            row.update(realism.get(row["ablation"] if row["method"] == "impus" else row["method"], {}))
+            key = row["ablation"] if row["method"] == "impus" else row["method"]
+            row.update(realism.get(key, {}))
+            row.update(to_data.get(key, {}))
     else:
-        realism_note = "FID and KID are computed in a single process only."
+        realism_note = "FID, KID and the realism against the training data are computed in a single process only."
     write_csv(merged, out / "results.csv")
     write_csv(summary, out / "summary.csv")
     columns = ("method", "ablation", "pairs", "frames", *METRICS, *END_METRICS, "unet_evals", "seconds")
-    columns += tuple(k for k in ("fid", "kid") if summary and k in summary[0])
+    columns += tuple(k for k in ("fid", "kid", "lpips_to_data", "knn_precision") if summary and k in summary[0])
     trunk = merged[0]["lpips_trunk"] if merged else "?"
     (out / "summary.md").write_text(
         f"Model `{model_name}`, LPIPS AlexNet ({trunk} trunk), images in [-1, 1]; "

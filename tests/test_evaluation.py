@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 
+import torch
 import pytest
 from PIL import Image
 
@@ -244,3 +245,18 @@ def test_bench_runs_other_methods_next_to_the_presets(tiny_model, image_pair):
     assert list(slerp["stages"]) == ["encode", "inversion", "frames"] and slerp["frames"] == 3
     assert slerp["total_unet_evals"] < report["presets"]["fast"]["total_unet_evals"]
     assert "slerp" in format_report(report)
+
+
+def test_data_realism_scores_training_images_above_their_ghosts(lpips):
+    from impus_lite.evaluation import data_realism
+    g = torch.Generator().manual_seed(0)
+    # A "training set" of smooth random images; the frames of one row are training images, of
+    # another the cross-dissolves of pairs of them (ghosts the data does not contain).
+    base = torch.nn.functional.interpolate(torch.rand(40, 3, 4, 4, generator=g) * 2 - 1, size=32, mode="bilinear")
+    references = base[:36]
+    ghosts = 0.5 * base[:8:2] + 0.5 * base[1:8:2]
+    values, note = data_realism({"data": [references[:4]], "ghosts": [ghosts]}, references, lpips)
+    assert values["data"]["lpips_to_data"] < 1e-6 and values["data"]["knn_precision"] == 1.0
+    assert values["ghosts"]["lpips_to_data"] > 0.02
+    assert "36 training images" in note
+    assert data_realism({"data": [references[:4]]}, None, lpips) == ({}, "")

