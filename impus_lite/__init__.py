@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 from .config import MorphConfig  # noqa: E402
 from .errors import ImpusError, InputError, ModelLoadError  # noqa: E402
 from .models import load_model  # noqa: E402
-from .morph import Morpher, MorphResult, morph  # noqa: E402
+from .morph import Morpher, MorphResult  # noqa: E402
+from .dispatch import morph  # noqa: E402
 
 __all__ = ["MorphConfig", "Morpher", "MorphResult", "morph", "load_model",
            "ImpusError", "InputError", "ModelLoadError", "__version__"]

@@ -24,7 +24,10 @@ concatenation along the token axis (K, V the frame's own keys and values). A for
 function of the signature of :func:`inner_interpolation` registered in :data:`FORMS`: every
 form receives the frame's own keys and values as well as the endpoints'. Cross-attention
 interpolation (:func:`interpolating_cross`) computes the endpoints' keys and values from their
-text embeddings, so nothing needs recording.
+text embeddings, so nothing needs recording. FreeMorph (Cao et al., ICCV 2025) runs all its
+frames, ends included, as one batch and reads the endpoints from that batch instead of a bank
+(:func:`interpolating_batch_ends`), or gives every frame the frames' mean attention output
+(:func:`averaging_frames`).
 
 The projections run through the layer's own ``to_q``, ``to_k``, ``to_v`` and ``to_out``, so LoRA
 adapters that peft attached to them (and their weights, e.g. from ``unet.set_adapters``) act
@@ -457,3 +460,107 @@ def interpolating_cross(unet, embeddings: torch.Tensor, alphas: Union[float, Seq
     alphas = torch.as_tensor(alphas, dtype=torch.float32).reshape(-1)
     return installed(unet, lambda name, prev, clock: CrossInterpolatingProcessor(
         name, prev, clock, embeddings, alphas, form), layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoints read from the batch itself, and attention averaged over the frames
+# (FreeMorph, Cao et al., ICCV 2025, https://arxiv.org/abs/2507.01953; github.com/yukangcao/
+# FreeMorph, aid_attention.py: AID's processors applied to one batch that holds every frame)
+# --------------------------------------------------------------------------------------------
+
+def _frame_blocks(rows: int, frames: int, layer: str) -> int:
+    """How many blocks of ``frames`` rows a UNet call of ``rows`` rows holds (R in the module
+    docstring's layout); a batch that is not a whole number of blocks raises ValueError."""
+    if frames < 1 or rows % frames:
+        raise ValueError(f"Attention over the frames at layer {layer}: a batch of {rows} rows is not a "
+                         f"multiple of {frames} frame(s).")
+    return rows // frames
+
+
+def batch_ends(x: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and the last row of every block of ``frames`` rows of ``x`` (R * N, T, C),
+    each repeated over its block: two tensors of ``x``'s shape. Row ``r * N + i`` of the first
+    is row ``r * N`` of ``x`` (endpoint 0 of its block), of the second row ``r * N + N - 1``."""
+    blocks = x.reshape(-1, frames, *x.shape[1:])
+    first = blocks[:, :1].expand_as(blocks).reshape(x.shape)
+    last = blocks[:, -1:].expand_as(blocks).reshape(x.shape)
+    return first, last
+
+
+def frame_mean(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """Every row of each block of ``frames`` rows of ``x`` (R * N, T, C) replaced by the block's
+    mean over its rows, ``(1/N) sum_i x_i``, computed in float32, in ``x``'s dtype."""
+    blocks = x.reshape(-1, frames, *x.shape[1:]).float()
+    return blocks.mean(dim=1, keepdim=True).expand_as(blocks).reshape(x.shape).to(x.dtype)
+
+
+class BatchEndsProcessor(KeyValueProcessor):
+    """Self-attention combined by ``form`` (a name in :data:`FORMS`) between the first and the
+    last frame of its own batch, frame ``i`` at ``alphas[i]``:
+
+        outer   (1-a_i) Attn(Q_i, K_0, V_0) + a_i Attn(Q_i, K_{N-1}, V_{N-1})
+        fused   (1-a_i) Attn(Q_i, [K_i, K_0], [V_i, V_0]) + a_i Attn(Q_i, [K_i, K_{N-1}], [V_i, V_{N-1}])
+
+    where the endpoints' K, V are computed in the same UNet call as the frame's (no bank: the
+    N frames, ends included, run as one batch; a call of ``R * N`` rows holds R such blocks).
+    An end row at alpha 0 (first) or 1 (last) attends as plain attention does."""
+
+    def __init__(self, layer, previous, clock, alphas: torch.Tensor, form: str = "outer"):
+        super().__init__(layer, previous, clock)
+        self.alphas, self.form = alphas, FORMS[form]
+
+    def attend(self, attn, query, key, value, mask):
+        frames = self.alphas.numel()
+        blocks = _frame_blocks(query.shape[0], frames, self.layer)
+        first_k, last_k = batch_ends(key, frames)
+        first_v, last_v = batch_ends(value, frames)
+        alpha = self.alphas.to(query.device, torch.float32).repeat(blocks).view(-1, 1, 1)
+        return self.form(attn, query, (key, value), (first_k, first_v), (last_k, last_v), alpha, mask)
+
+
+class FrameMeanProcessor(KeyValueProcessor):
+    """Attention whose output, for every frame, is the mean over the N frames of the batch of
+    each frame's own attention, ``(1/N) sum_i Attn(Q_i, K_i, V_i)`` (before the output
+    projection; the residual stays each frame's own). Acts on self-attention and, unlike the
+    other processors here, on cross-attention too (keys and values from the text)."""
+
+    def __init__(self, layer, previous, clock, frames: int):
+        super().__init__(layer, previous, clock)
+        self.frames = int(frames)
+
+    def attend(self, attn, query, key, value, mask):
+        _frame_blocks(query.shape[0], self.frames, self.layer)
+        return frame_mean(attention(attn, query, key, value, mask), self.frames)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
+                 *args, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            return super().__call__(attn, hidden_states, None, attention_mask, temb, *args, **kwargs)
+        residual, shape = hidden_states, hidden_states.shape
+        hidden_states, attention_mask = _attention_inputs(attn, hidden_states, temb, attention_mask,
+                                                          encoder_hidden_states.shape[1])
+        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        out = self.attend(attn, attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attention_mask)
+        return _attention_output(attn, out, shape, residual)
+
+
+def interpolating_batch_ends(unet, alphas: Union[Sequence[float], torch.Tensor], form: str = "outer",
+                             layers: Optional[Sequence[str]] = None):
+    """Context manager: UNet calls inside it render the N = len(alphas) frames of each batch
+    block with the self-attention of ``layers`` (default: all) combined by ``form`` between the
+    block's first and last frame (:class:`BatchEndsProcessor`), at every timestep."""
+    if form not in FORMS:
+        raise ValueError(f"Unknown attention interpolation form '{form}': use one of {', '.join(FORMS)}.")
+    alphas = torch.as_tensor(alphas, dtype=torch.float32).reshape(-1)
+    return installed(unet, lambda name, prev, clock: BatchEndsProcessor(name, prev, clock, alphas, form),
+                     layers)
+
+
+def averaging_frames(unet, frames: int, layers: Optional[Sequence[str]] = None):
+    """Context manager: UNet calls inside it give every frame of each block of ``frames`` rows
+    the frames' mean attention output (:class:`FrameMeanProcessor`) at ``layers`` (default:
+    every self- and cross-attention layer), at every timestep."""
+    if layers is None:
+        layers = self_attention_layers(unet) + cross_attention_layers(unet)
+    return installed(unet, lambda name, prev, clock: FrameMeanProcessor(name, prev, clock, frames), layers)

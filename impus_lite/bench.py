@@ -151,7 +151,7 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
     VAE's floor (``end_errors`` and the means ``end_lpips``, ``vae_lpips``, ``end_psnr``, ``vae_psnr``).
     """
     from .evaluation import end_metrics
-    from .morph import morph
+    from .dispatch import morph
     from .perceptual import load_lpips, pdv, ppl_path_sum, smoothness
 
     lpips = load_lpips(device=model.device)
@@ -227,7 +227,7 @@ def steps_smoke(model_name: str, image0, image1, prompt: str, dtypes: Sequence[s
     import gc
 
     from .models import load_model
-    from .morph import morph
+    from .dispatch import morph
     from .perceptual import load_lpips
 
     report = {"model": model_name, "preset": preset, "runs": {}}

@@ -88,7 +88,7 @@ def parse_method_options(items: Sequence[str]) -> dict:
 def _run_morph(args) -> int:
     from .config import MorphConfig
     from .models import load_model
-    from .morph import morph
+    from .dispatch import morph
 
     from .images import open_rgb
     from .text import check_prompt_not_empty

@@ -21,7 +21,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing")
 RPPD_PROBES = ("reference", "equation")
 LORA_INITS = ("gaussian", "kaiming")
 #: The morphing methods, one module each in :mod:`impus_lite.methods`.
-METHODS = ("impus", "slerp", "diffmorpher", "wang-golland", "aid")
+METHODS = ("impus", "slerp", "diffmorpher", "wang-golland", "aid", "freemorph")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -139,7 +140,7 @@ def evaluate_pair(model, pair: Pair, base: MorphConfig, ablations: Sequence[str]
                   methods: Sequence[str] = ("impus",)) -> list[dict]:
     """One row per (method, ablation) of :func:`variants` for ``pair``: metrics, frame count,
     UNet evaluations, seconds."""
-    from .morph import morph
+    from .dispatch import morph
     from .perceptual import pdv, ppl_path_sum, smoothness
 
     for path in (pair.image0, pair.image1):
@@ -150,23 +151,40 @@ def evaluate_pair(model, pair: Pair, base: MorphConfig, ablations: Sequence[str]
         result = morph(model, pair.image0, pair.image1, pair.prompt, config, cache_dir=cache_dir,
                        lpips=lpips, progress=progress)
         d = result.distances
-        row = {"pair": pair.name, "method": method, "ablation": name, "frames": len(result.frames),
+        label = row_label(method, name, comparing=len(methods) > 1, result_label=result.label)
+        row = {"pair": pair.name, "label": label, "method": method, "ablation": name, "frames": len(result.frames),
                "ppl_path_sum": ppl_path_sum(d), "pdv": pdv(d), "smoothness": smoothness(d),
                **end_metrics(result.end_errors),
                "unet_evals": result.unet_evals, "seconds": round(result.seconds, 3),
                "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk}
         rows.append(row)
         if on_result is not None:
-            on_result(pair, row_label(method, name, comparing=len(methods) > 1), result)
+            on_result(pair, label, result)
     return rows
 
 
-def row_label(method: str, ablation: str, comparing: bool) -> str:
-    """The name of a row in strips and plots: IMPUS's ablation by name, another method by its
-    own; IMPUS's full pipeline is "impus" when it is compared with other methods."""
+#: IMPUS's ablations that change only how the alphas are chosen: compared with other methods,
+#: their rows are named by the schedule (``MorphResult.label``, e.g. "impus (search)").
+SCHEDULE_ABLATIONS = ("full", "uniform", "searched", "rescheduled", "beta")
+
+
+def row_label(method: str, ablation: str, comparing: bool, result_label: str = "") -> str:
+    """The name of a row in tables, strips and plots. Alone, IMPUS's rows are its ablations'
+    names. Compared with other methods, a row is named by its result's label when it has one
+    ("impus (reschedule)", "impus (search)", "aid (inverted codes)"), else by its method, and
+    IMPUS's other ablations as "impus (no_lora)" and so on."""
     if method != "impus":
-        return method
-    return "impus" if comparing and ablation == "full" else ablation
+        return result_label or method
+    if not comparing:
+        return ablation
+    if ablation in SCHEDULE_ABLATIONS and result_label:
+        return result_label
+    return "impus" if ablation == "full" else f"impus ({ablation})"
+
+
+def file_slug(label: str) -> str:
+    """A row label as part of a file name: "impus (search)" -> "impus-search"."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-")
 
 
 def summarise(rows: Sequence[dict]) -> list[dict]:
@@ -180,7 +198,8 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
         group = [r for r in rows if (r.get("method", "impus"), r["ablation"]) == (method, name)]
         if not group:
             continue
-        row = {"method": method, "ablation": name, "pairs": len(group)}
+        row = {"label": group[0].get("label", row_label(method, name, False)), "method": method,
+               "ablation": name, "pairs": len(group)}
         for key in (*METRICS, *END_METRICS, "frames", "unet_evals", "seconds"):
             row[key] = float(np.mean([r[key] for r in group]))
         out.append(row)
@@ -217,7 +236,7 @@ def plot_summary(summary: Sequence[dict], path: Path) -> Path:
     fig = Figure(figsize=(4 * len(keys), 3.2))
     axes = fig.subplots(1, len(keys))
     comparing = len({r.get("method", "impus") for r in summary}) > 1
-    names = [row_label(r.get("method", "impus"), r["ablation"], comparing) for r in summary]
+    names = [r.get("label") or row_label(r.get("method", "impus"), r["ablation"], comparing) for r in summary]
     for ax, key in zip(axes, keys):
         ax.bar(names, [r[key] for r in summary], color="tab:blue")
         ax.set_title(key)
@@ -355,7 +374,7 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
                               methods=methods)
         for name, result in strips.items():
             image = strip(result.frames, result.alphas)   # drawn once: saved, then stacked
-            atomic_write_bytes(out / "strips" / f"{pair.name}-{name}.png", png_bytes(image))
+            atomic_write_bytes(out / "strips" / f"{pair.name}-{file_slug(name)}.png", png_bytes(image))
             frames.setdefault(name, []).append(result.images)
             labelled.append((f"{pair.name}\n{name}", image))
         size = next(iter(strips.values())).images.shape[-1]
@@ -391,7 +410,7 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
         realism_note = "FID, KID and the realism against the training data are computed in a single process only."
     write_csv(merged, out / "results.csv")
     write_csv(summary, out / "summary.csv")
-    columns = ("method", "ablation", "pairs", "frames", *METRICS, *END_METRICS, "unet_evals", "seconds")
+    columns = ("label", "method", "ablation", "pairs", "frames", *METRICS, *END_METRICS, "unet_evals", "seconds")
     columns += tuple(k for k in ("fid", "kid", "lpips_to_data", "knn_precision") if summary and k in summary[0])
     trunk = merged[0]["lpips_trunk"] if merged else "?"
     (out / "summary.md").write_text(

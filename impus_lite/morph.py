@@ -9,7 +9,10 @@
 Stages (SPEC.md numbering): 1 encode, 2 text embeddings, 3 DDIM inversion, 4 rPPD and rank,
 5-6 conditional and unconditional LoRA, 7 re-inversion, 8-9 choose alphas and render.
 :class:`Morpher` runs them one at a time (the notebooks call each stage on its own);
-:func:`morph` runs them all. Each stage records its seconds and UNet evaluations.
+:meth:`Morpher.run` runs them all. The public :func:`impus_lite.morph` (in
+:mod:`impus_lite.dispatch`, above the methods family) runs this pipeline for ``method="impus"``
+and the neighbours' modules for the others; this module imports no method. Each stage records
+its seconds and UNet evaluations.
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ from .schedules import FrameCache, Schedule, choose_schedule
 from .text import check_prompt, encode_prompt, optimize_embeddings, unconditional_embedding
 
 STAGES = ("encode", "text", "inversion", "rppd", "lora", "reinversion", "frames")
+#: How a result names IMPUS by the schedule that placed its frames: IMPUS's own binary search
+#: ("perceptual", the ``paper`` preset) or this package's reschedule (the ``fast`` preset).
+SCHEDULE_LABELS = {"perceptual": "impus (search)", "reschedule": "impus (reschedule)",
+                   "uniform": "impus (uniform alphas)", "beta": "impus (Beta prior)"}
+
+
+def schedule_label(schedule: str) -> str:
+    """IMPUS's label for a result whose alphas came from ``schedule`` (:data:`SCHEDULE_LABELS`)."""
+    return SCHEDULE_LABELS.get(schedule, "impus")
 
 
 class Morpher:
@@ -355,13 +367,5 @@ class Morpher:
             model_name=self.model.name, lpips_trunk=self.lpips.trunk, lora_rank=self.rank(),
             rppd=self._values.get("rppd"), outlier=bool(self._values.get("outlier", False)),
             step=schedule.step, end_errors=errors, stats=dict(self.stats),
-            notes=self.notes + list(schedule.notes))
+            notes=self.notes + list(schedule.notes), label=schedule_label(self.config.schedule))
 
-
-def morph(model: DiffusionModel, image0: ImageLike, image1: ImageLike, prompt: str,
-          config: Optional[MorphConfig] = None, cache_dir: Union[str, Path, None] = None,
-          lpips: Optional[Lpips] = None, progress: bool = True) -> MorphResult:
-    """Morph ``image0`` into ``image1`` with ``config.method`` (default "impus": all stages of
-    :class:`Morpher`; the others in :mod:`impus_lite.methods`)."""
-    from .methods import run_method
-    return run_method(model, image0, image1, prompt, config, cache_dir, lpips, progress)

@@ -42,6 +42,8 @@ class MorphResult:
             in dB, inputs as the model sees them), next to the VAE's own reconstruction of the
             inputs (``vae_*``), the floor no morph can beat (see :func:`perceptual.end_errors`).
         stats: per stage, seconds and UNet evaluations.
+        label: how tables name the morph when the method's name alone would mislead, e.g.
+            "impus (reschedule)" or "aid (inverted codes)"; empty: ``config.method``.
     """
 
     frames: list
@@ -59,6 +61,12 @@ class MorphResult:
     end_errors: dict[str, float] = field(default_factory=dict)
     stats: dict[str, StageStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        """``label``, else the method's name."""
+        return self.label or self.config.method
 
     @property
     def unet_evals(self) -> int:
@@ -73,7 +81,7 @@ class MorphResult:
         from . import __version__
         from .perceptual import pdv, ppl_path_sum, smoothness
         return {
-            "impus_lite": __version__, "model": self.model_name, "prompt": self.prompt,
+            "impus_lite": __version__, "method": self.name, "model": self.model_name, "prompt": self.prompt,
             "config": self.config.to_dict(), "alphas": self.alphas, "distances": self.distances,
             "lpips": f"alex, trunk={self.lpips_trunk}, inputs in [-1, 1]",
             "lpips_step": self.step, "lora_rank": self.lora_rank, "rppd": self.rppd,

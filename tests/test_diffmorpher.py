@@ -1,5 +1,7 @@
-"""DiffMorpher on the tiny model: frame counts, its closed forms (AdaIN, LoRA-delta interpolation,
-attention K/V interpolation), the attention processors' installation, and its options."""
+"""DiffMorpher on the tiny model: frame counts, the code's defaults (PNDM, LoRA factors, attention on
+interpolated inputs, per-image prompts, the kept reschedule pass) and the paper's forms as options,
+its closed forms (AdaIN, LoRA interpolation, attention interpolation), the attention processors'
+installation, its options, and where the public ``morph()`` lives."""
 
 import math
 import warnings
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_CONFIG
-from impus_lite import morph
+from impus_lite import MorphConfig, morph
 from impus_lite.attention import (AttentionBank, InterpolatingProcessor, TimestepClock, attention,
                                   interpolating, recording, self_attention_layers)
 from impus_lite.errors import InputError
@@ -17,13 +19,18 @@ from impus_lite.interp import slerp
 from impus_lite.inversion import ddim_sample
 from impus_lite.lora import add_lora, max_adapter_rank
 from impus_lite.methods import diffmorpher
-from impus_lite.methods.diffmorpher import (ADAPTERS, attention_timesteps, denoise, interpolate_codes,
-                                            lora_mixture)
+from impus_lite.methods.diffmorpher import (ADAPTERS, FactorMixture, InputInterpolator, InputRecorder,
+                                            attention_calls, attention_timesteps, denoise, installed_by_call,
+                                            interpolate_codes, lora_mixture)
 from impus_lite.schedules import reschedule_alphas, uniform_alphas
 from impus_lite.text import encode_prompt, unconditional_embedding
 
 #: A few steps of everything: each morph takes about a second on the tiny model.
 FEW = dict(rank=4, lora_steps=2, steps=4)
+#: The config's uniform alphas instead of the code's two passes (frames at fixed alphas).
+FIXED = dict(alphas="schedule")
+#: UNet calls per frame at FEW's 4 steps: PNDM (PLMS) evaluates its second timestep twice.
+CALLS = FEW["steps"] + 1
 
 
 def run(model, pair, lpips, cache_dir=None, **changes):
@@ -38,34 +45,43 @@ def run(model, pair, lpips, cache_dir=None, **changes):
 
 @pytest.mark.parametrize("frames", [2, 5])
 def test_uniform_schedule_gives_the_frames_asked_for(frames, tiny_model, image_pair, lpips_random):
-    result = run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=frames)
+    result = run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=frames, options=FIXED)
     assert len(result.frames) == frames == len(result.alphas) == len(result.distances) + 1
     assert result.alphas == uniform_alphas(frames)
     assert result.images.shape == (frames, 3, 32, 32) and result.lora_rank == 4
     assert set(result.stats) == {"encode", "lora", "inversion", "frames"}
-    # One forward (and backward) per LoRA step and image; one UNet call per DDIM step and frame
-    # (no guidance, one frame per call: the endpoints' recording passes are frames 0 and 1).
+    # One forward (and backward) per LoRA step and image; one UNet call per DDIM inversion step;
+    # per frame one call per PNDM timestep, steps + 1 (no guidance, one frame per call: the
+    # endpoints' recording passes are frames 0 and 1).
     assert result.stats["lora"].unet_evals == 2 * FEW["lora_steps"]
     assert result.stats["inversion"].unet_evals == 2 * FEW["steps"]
-    assert result.stats["frames"].unet_evals == result.stats["frames"].unet_calls == frames * FEW["steps"]
+    assert result.stats["frames"].unet_evals == result.stats["frames"].unet_calls == frames * CALLS
     assert tiny_model.adapter_names() == []  # the per-image adapters are gone afterwards
 
 
-def test_two_pass_reschedule_is_diffmorphers(tiny_model, image_pair, lpips_random):
-    uniform = run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=5)
-    result = run(tiny_model, image_pair, lpips_random, schedule="reschedule", reschedule_passes=2, frames=5,
-                 lpips_tol=0.0)
-    assert len(result.frames) == 5 and result.alphas[0] == 0.0 and result.alphas[-1] == 1.0
-    # DiffMorpher's AlphaScheduler: invert the cumulative consecutive distances of the uniform pass.
-    rescheduled = reschedule_alphas(uniform.alphas, uniform.distances, 5)
-    assert rescheduled != uniform.alphas
-    assert result.alphas in (rescheduled, uniform.alphas)  # the more even of the two passes
-    new = len(set(rescheduled) - set(uniform.alphas))
-    assert result.stats["frames"].unet_evals == (5 + new) * FEW["steps"]
-    # DiffMorpher's two passes whatever the preset's count (fast's is 6); another count by option.
-    six = run(tiny_model, image_pair, lpips_random, schedule="reschedule", reschedule_passes=6, frames=5,
-              lpips_tol=0.0)
-    assert six.alphas == result.alphas and six.config.reschedule_passes == 2
+def test_the_rescheduled_pass_is_always_kept(tiny_model, image_pair, lpips_random):
+    for preset in ("fast", "paper"):  # paper's schedule is "perceptual": the reschedule still runs
+        base = MorphConfig.preset(preset, method="diffmorpher", frames=5, size=32, text_steps=1)
+        uniform = morph(tiny_model, *image_pair, "a photo", base.replace(schedule="uniform", method_options={
+            **FEW, **FIXED}), lpips=lpips_random, progress=False)
+        result = morph(tiny_model, *image_pair, "a photo", base.replace(method_options=FEW),
+                       lpips=lpips_random, progress=False)
+        # DiffMorpher's AlphaScheduler: invert the cumulative consecutive distances of the uniform
+        # pass; its second pass is the result, even or not.
+        rescheduled = reschedule_alphas(uniform.alphas, uniform.distances, 5)
+        assert rescheduled != uniform.alphas and result.alphas == pytest.approx(rescheduled, abs=1e-12)
+        new = len(set(rescheduled) - set(uniform.alphas))
+        assert new == 3 and result.stats["frames"].unet_evals == (5 + new) * CALLS
+        assert any("second pass kept" in n for n in result.notes)
+        unused = " ".join(n for n in result.notes if "does not use" in n)
+        assert ("schedule" in unused) == (preset == "paper")  # paper's perceptual search is not run
+    # With alphas="schedule" the config's reschedule runs, DiffMorpher's passes whatever the
+    # preset's count (fast's is 3); another count by option.
+    uniform = run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=5, options=FIXED)
+    two = run(tiny_model, image_pair, lpips_random, schedule="reschedule", reschedule_passes=6, frames=5,
+              lpips_tol=0.0, options=FIXED)
+    assert two.config.reschedule_passes == 2
+    assert two.alphas in (reschedule_alphas(uniform.alphas, uniform.distances, 5), uniform.alphas)
 
 
 def test_same_inputs_same_frames_and_the_cache_is_used(tiny_model, image_pair, lpips_random, tmp_path):
@@ -82,8 +98,13 @@ def test_same_inputs_same_frames_and_the_cache_is_used(tiny_model, image_pair, l
 
 def test_each_frame_uses_its_alpha_for_lora_code_and_attention(tiny_model, image_pair, lpips_random, monkeypatch):
     calls = []
-    real = {name: getattr(diffmorpher, name) for name in ("lora_mixture", "interpolate_codes", "recording",
-                                                          "interpolating")}
+    real = {"at": FactorMixture.at, **{name: getattr(diffmorpher, name) for name in (
+        "interpolate_codes", "recording_calls", "interpolating_calls")}}
+
+    def at(self, alpha):
+        calls.append(("lora", round(alpha, 6)))
+        return real["at"](self, alpha)
+    monkeypatch.setattr(FactorMixture, "at", at)
 
     def spy(name, log):
         def wrapped(*args, **kwargs):
@@ -91,28 +112,31 @@ def test_each_frame_uses_its_alpha_for_lora_code_and_attention(tiny_model, image
             return real[name](*args, **kwargs)
         monkeypatch.setattr(diffmorpher, name, wrapped)
 
-    spy("lora_mixture", lambda model, names, weights: ("lora", list(names), [round(w, 6) for w in weights]))
     spy("interpolate_codes", lambda z0, z1, alphas, adain=True: ("code", [round(a, 6) for a in alphas], adain))
-    spy("recording", lambda unet, bank, e, timesteps, layers: ("record", e, timesteps, layers))
-    spy("interpolating", lambda unet, bank, alphas, form, layers: ("attention", [round(a, 6) for a in alphas], form,
-                                                                   bank.timesteps(), layers))
-    run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=4)
-    steps = attention_timesteps(tiny_model, 0.6, FEW["steps"], TINY_CONFIG.timestep_spacing)
+    spy("recording_calls", lambda unet, bank, e, n, layers, form: ("record", e, n, layers, form))
+    spy("interpolating_calls", lambda unet, bank, alphas, layers, form: (
+        "attention", [round(a, 6) for a in alphas], sorted({k[2] for k in bank}), layers, form))
+    run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=4, options=FIXED)
+    n = attention_calls(0.6, FEW["steps"])
     up = self_attention_layers(tiny_model.unet, ("up",))
     expected = []
-    for e in (0, 1):  # the endpoints, generated while their attention is recorded
-        expected += [("record", e, steps, up), ("code", [float(e)], True), ("lora", list(ADAPTERS), [1 - e, e])]
+    for e in (0, 1):  # the endpoints, generated while their attention inputs are recorded
+        expected += [("record", e, n, up, "inputs"), ("code", [float(e)], True), ("lora", e)]
     for a in (round(1 / 3, 6), round(2 / 3, 6)):
-        expected += [("attention", [a], "inner", steps, up), ("code", [a], True),
-                     ("lora", list(ADAPTERS), [round(1 - a, 6), a])]
-    assert calls == expected
+        expected += [("attention", [a], list(range(n)), up, "inputs"), ("code", [a], True), ("lora", a)]
+    assert n == 3 and calls == expected
 
 
 @pytest.mark.parametrize("change", [dict(attention_fraction=0.0), dict(adain=False), dict(rank=0),
-                                    dict(attention_layers="all"), dict(guidance=2.0)])
+                                    dict(attention_layers="all"), dict(guidance=2.0), dict(scheduler="ddim"),
+                                    dict(lora_interpolation="deltas"), dict(attention_form="keys-values"),
+                                    dict(prompts=["a cat", "a dog"])])
 def test_each_option_changes_the_frames(change, tiny_model, image_pair, lpips_random):
-    base = run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=3)
-    changed = run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=3, options=change)
+    # A LoRA rate that moves A away from its shared start: the code's and the paper's LoRA and
+    # attention forms differ by terms in A_0 - A_1 (see the module docstring).
+    trained = {**FIXED, "lora_lr": 0.05, "lora_steps": 4}
+    base = run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=3, options=trained)
+    changed = run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=3, options={**trained, **change})
     assert not torch.allclose(base.images[1], changed.images[1], atol=1e-4)
 
 
@@ -128,20 +152,29 @@ def test_published_defaults_and_option_checks(tiny_model, image_pair, lpips_rand
     o = diffmorpher.Options()
     assert (o.rank, o.lora_steps, o.lora_lr, o.steps, o.attention_fraction, o.attention_layers, o.adain,
             o.guidance) == (16, 200, 2e-4, 50, 0.6, "up", True, 1.0)
-    with pytest.raises(InputError, match="has no option strength: its options are adain, attention_fraction"):
+    # The code's forms by default, the paper's by option.
+    assert (o.scheduler, o.lora_interpolation, o.attention_form, o.alphas, o.prompts) == (
+        "pndm", "factors", "inputs", "reschedule", None)
+    with pytest.raises(InputError, match="has no option strength: its options are adain, alphas, attention_form"):
         run(tiny_model, image_pair, lpips_random, options=dict(strength=1))
     for bad, message in [(dict(attention_fraction=1.5), "attention_fraction must be in"),
                          (dict(rank=-1), "rank must be an integer"), (dict(steps=0), "steps must be"),
                          (dict(lora_steps=2.5), "lora_steps must be"), (dict(lora_lr=0), "lora_lr must"),
                          (dict(attention_layers="mid"), "attention_layers must be one of up, all"),
                          (dict(adain="yes"), "adain must be"), (dict(guidance=0.5), "guidance must be"),
-                         (dict(guidance="2"), "guidance must be a number")]:
+                         (dict(guidance="2"), "guidance must be a number"),
+                         (dict(scheduler="euler"), "scheduler must be one of pndm, ddim"),
+                         (dict(lora_interpolation="mean"), "lora_interpolation must be one of factors, deltas"),
+                         (dict(attention_form="outputs"), "attention_form must be one of inputs, keys-values"),
+                         (dict(alphas="beta"), "alphas must be one of reschedule, schedule"),
+                         (dict(prompts=["only one"]), "two non-empty prompts")]:
         with pytest.raises(InputError, match=message):
             diffmorpher.Options(**bad)
 
 
 def test_attention_steps_are_the_first_fraction(tiny_model):
-    assert len(attention_timesteps(tiny_model, 0.6, 50)) == 30  # DiffMorpher: 50 * 0.6
+    assert attention_calls(0.6, 50) == 30 and attention_calls(0.6, 4) == 3  # the code: id < 50 * 0.6
+    assert len(attention_timesteps(tiny_model, 0.6, 50)) == 30
     assert attention_timesteps(tiny_model, 0.6, 4, "trailing") == [999, 749, 499]
     assert attention_timesteps(tiny_model, 0.0, 50) == []
 
@@ -341,3 +374,118 @@ def test_processors_are_restored_after_an_error(tiny_model):
         interpolating(tiny_model.unet, AttentionBank(), [0.5], form="sideways")
     with pytest.raises(ValueError, match="Unknown UNet parts"):
         self_attention_layers(tiny_model.unet, ("middle",))
+
+
+# --------------------------------------------------------------------------------------------
+# The code's forms: LoRA factors, attention on inputs, PNDM, per-image prompts
+# --------------------------------------------------------------------------------------------
+
+def test_lora_factors_are_lerped_separately_by_default_and_differ_from_the_deltas(two_adapters):
+    model = two_adapters
+    layer = model.unet.up_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(2))
+    W = layer.base_layer.weight
+    A = [layer.lora_A[n].weight for n in ADAPTERS]
+    B = [layer.lora_B[n].weight for n in ADAPTERS]
+    mixer = FactorMixture(model, ADAPTERS, 4)
+    with torch.no_grad():
+        for a in (0.0, 0.3, 1.0):
+            with mixer.at(a):
+                mixed = layer(x)
+            factors = ((1 - a) * B[0] + a * B[1]) @ ((1 - a) * A[0] + a * A[1])  # lora_utils.py: load_lora
+            assert torch.allclose(mixed, x @ (W + factors).T, atol=1e-5), a
+        with mixer.at(0.0):
+            at_zero = layer(x)
+        with model.using_adapter(ADAPTERS[0]):
+            own = layer(x)
+        with lora_mixture(model, ADAPTERS, [0.7, 0.3]):
+            deltas = layer(x)
+        with mixer.at(0.3):
+            code = layer(x)
+    assert torch.allclose(at_zero, own, atol=1e-6)  # the ends are each image's own adapter
+    expected = x @ (W + 0.7 * B[0] @ A[0] + 0.3 * B[1] @ A[1]).T
+    assert torch.allclose(deltas, expected, atol=1e-5)  # the paper's form, lora_interpolation="deltas"
+    gap = code - deltas  # = a (1 - a) (B_0 - B_1)(A_0 - A_1) x: not zero when A_0 != A_1
+    by_hand = -0.3 * 0.7 * (x @ ((B[0] - B[1]) @ (A[0] - A[1])).T)
+    assert torch.allclose(gap, by_hand, atol=1e-5) and gap.abs().max() > 1e-3
+
+
+def test_attention_on_interpolated_inputs_is_the_codes_load_processor(two_adapters):
+    model = two_adapters
+    attn = model.unet.up_blocks[1].attentions[0].transformer_blocks[0].attn1
+    name = self_attention_layers(model.unet, ("up",))[0]
+    g = torch.Generator().manual_seed(5)
+    h0, h1, h = (torch.randn(1, 16, attn.to_q.in_features, generator=g) for _ in range(3))
+    bank = {(0, name, 0): h0, (1, name, 0): h1}
+
+    class Clock:
+        timestep = 0
+    processor = InputInterpolator(name, attn.processor, Clock, bank, torch.tensor([0.25]))
+    with torch.no_grad(), lora_mixture(model, ADAPTERS, [0.75, 0.25]):
+        out = processor(attn, h)
+        # The frame's own processor attends from h to 0.75 h_0 + 0.25 h_1 (model.py: LoadProcessor)
+        expected = attn.processor(attn, h, encoder_hidden_states=0.75 * h0 + 0.25 * h1)
+        # The paper's form: the endpoints' keys and values, each through its own LoRA
+        q = attn.to_q(h)
+        with lora_mixture(model, ADAPTERS, [1.0, 0.0]):
+            k0, v0 = attn.to_k(h0), attn.to_v(h0)
+        with lora_mixture(model, ADAPTERS, [0.0, 1.0]):
+            k1, v1 = attn.to_k(h1), attn.to_v(h1)
+        paper = attn.to_out[0](attention(attn, q, 0.75 * k0 + 0.25 * k1, 0.75 * v0 + 0.25 * v1))
+        Clock.timestep = 1  # not recorded: plain self-attention
+        plain = processor(attn, h)
+        unchanged = attn.processor(attn, h)
+    assert torch.allclose(out, expected, atol=1e-6) and torch.allclose(plain, unchanged, atol=1e-6)
+    assert not torch.allclose(out, paper, atol=1e-4)
+
+
+def test_calls_not_timesteps_key_the_recorded_inputs(tiny_model):
+    """PNDM calls the UNet twice at its second timestep: two recorded entries, as the code's ids."""
+    tiny_model.remove_adapters()
+    z, cond, uncond = _codes_and_text(tiny_model)
+    layers = self_attention_layers(tiny_model.unet, ("up",))
+    bank = {}
+    before = tiny_model.unet_calls
+    with installed_by_call(tiny_model.unet, lambda n, prev, clock: InputRecorder(n, prev, clock, bank, 0, 3), layers):
+        plain_steps = denoise(tiny_model, z[0:1], cond, uncond, 1.0, 4, "leading", "pndm")
+    assert tiny_model.unet_calls - before == 5  # 4 PNDM steps: 5 UNet calls
+    assert sorted({k[2] for k in bank}) == [0, 1, 2] and len(bank) == 3 * len(layers)
+    timesteps = diffmorpher.sampling_scheduler(tiny_model, "pndm", "leading")
+    timesteps.set_timesteps(4)
+    assert timesteps.timesteps.tolist() == [751, 501, 501, 251, 1]
+    assert not torch.equal(bank[(0, layers[0], 1)], bank[(0, layers[0], 2)])  # both calls at t = 501
+    ddim = denoise(tiny_model, z[0:1], cond, uncond, 1.0, 4, "leading", "ddim")
+    assert not torch.allclose(plain_steps, ddim, atol=1e-4)
+    scheduler = diffmorpher.sampling_scheduler(tiny_model, "pndm")
+    scheduler.set_timesteps(50)
+    assert type(scheduler).__name__ == "PNDMScheduler" and len(scheduler.timesteps) == 51
+
+
+def test_each_image_uses_its_caption_file_else_the_shared_prompt(tiny_model, image_pair, lpips_random):
+    o = diffmorpher.Options()
+    prompts, source = diffmorpher.image_prompts(image_pair, "a photo", o)
+    assert prompts == ("a photo", "a photo") and "shared prompt" in source
+    image_pair[0].with_suffix(".txt").write_text("a cat\n")
+    prompts, source = diffmorpher.image_prompts(image_pair, "a photo", o)
+    assert prompts == ("a cat", "a photo")
+    assert source == "per-image prompts: image 0 from its caption file, image 1 from its shared prompt"
+    given = diffmorpher.image_prompts(image_pair, "a photo", diffmorpher.Options(prompts=["x y", "z"]))
+    assert given[0] == ("x y", "z")
+    result = run(tiny_model, image_pair, lpips_random, schedule="uniform", frames=3, options=FIXED)
+    assert any(n.startswith("per-image prompts: image 0 from its caption file") and "'a cat', 'a photo'" in n
+               for n in result.notes)
+
+
+def test_the_public_morph_lives_above_the_methods():
+    import importlib
+    import inspect
+    import sys
+
+    import impus_lite
+    from impus_lite import dispatch
+
+    pipeline = sys.modules["impus_lite.morph"]
+    assert impus_lite.morph is dispatch.morph is morph and morph.__module__ == "impus_lite.dispatch"
+    assert pipeline.Morpher is impus_lite.Morpher and pipeline.MorphResult is impus_lite.MorphResult
+    assert not hasattr(pipeline, "morph") and "methods" not in inspect.getsource(pipeline).split('"""')[-1]
+    assert importlib.import_module("impus_lite.methods.impus").Morpher is pipeline.Morpher

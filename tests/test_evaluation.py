@@ -89,7 +89,7 @@ def test_evaluate_splits_pairs_across_accelerate_processes(tiny_model, pairs_roo
     assert parts == [{"one"}, {"two"}]
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert sorted(r["pair"] for r in rows) == ["one", "two"]
-    assert done.stdout.count("| uniform |") == 1  # only the main process prints the table
+    assert done.stdout.count("| impus | uniform |") == 1  # only the main process prints the table
 
 
 def test_evaluate_command_writes_tables_and_plots(pairs_root, tmp_path, monkeypatch):
@@ -211,10 +211,13 @@ def test_evaluate_compares_methods_in_one_table(pairs_root, tmp_path, monkeypatc
     slerp, impus = results["summary"][1], results["summary"][0]
     assert slerp["unet_evals"] < impus["unet_evals"]  # no training, no rPPD probe
     summary = (out / "summary.md").read_text()
-    assert "| slerp | full |" in summary and "DiffMorpher's PPL and PDV on these 3 frames" in summary
+    assert "| slerp | slerp | full |" in summary and "DiffMorpher's PPL and PDV on these 3 frames" in summary
+    # IMPUS's row is named by how its alphas were chosen (fast: the reschedule), not "full".
+    assert "| impus (reschedule) | impus | full |" in summary
+    assert [r["label"] for r in results["summary"]] == ["impus (reschedule)", "slerp"]
     assert "FID" in summary  # the values, or the one sentence saying why they are missing
     assert len(list((out / "strips").glob("*-slerp.png"))) == 2
-    assert len(list((out / "strips").glob("*-impus.png"))) == 2  # not "full" beside other methods
+    assert len(list((out / "strips").glob("*-impus-reschedule.png"))) == 2  # not "full" beside other methods
     one = Image.open(out / "strips" / f"{sorted(p.name for p in pairs_root.iterdir())[0]}-slerp.png")
     together = Image.open(out / "strips.png")       # 2 pairs x 2 methods, one under another
     assert together.size == (150 + one.width, 4 * one.height)

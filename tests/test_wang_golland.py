@@ -1,5 +1,6 @@
-"""Diff.Interp (wang-golland) on the tiny model: frame count, the noise schedule of its tree, the
-candidate rankings (offline LPIPS, CLIP from a folder) and its options."""
+"""Diff.Interp (wang-golland) on the tiny model: the tree's frame count and alphas, the noise
+schedule of its tree, its guided text optimisation, the candidate rankings (offline LPIPS, CLIP
+from a folder) and its options."""
 
 import pytest
 import torch
@@ -9,14 +10,14 @@ from impus_lite.errors import InputError
 from impus_lite.methods import run_method
 from impus_lite.methods import wang_golland as wg
 
-#: Few steps and candidates: each morph runs in about a second on the tiny model.
-SMALL = {"candidates": 2, "min_candidates": 1}
+#: Few steps and candidates: each morph runs in about a second on the tiny model (the defaults,
+#: 200 DDIM steps and 200 text iterations, are the code's).
+SMALL = {"candidates": 2, "min_candidates": 1, "steps": 10, "text_steps": 3}
 
 
 def morph(model, pair, lpips, **changes):
     options = {**SMALL, **changes.pop("method_options", {})}
-    config = TINY_CONFIG.replace(method="wang-golland", schedule="uniform", method_options=options,
-                                 **changes)
+    config = TINY_CONFIG.replace(method="wang-golland", method_options=options, **changes)
     return run_method(model, pair[0], pair[1], "a photo", config, lpips=lpips, progress=False)
 
 
@@ -48,13 +49,70 @@ def test_it_gives_the_frames_asked_for_and_names_the_offline_ranking(tiny_model,
     assert len(result.frames) == 5 and result.alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert result.images.shape == (5, 3, 32, 32) and len(result.distances) == 4
     assert {"encode", "text", "ranking", "frames"} == set(result.stats)
-    assert result.stats["text"].unet_evals == 2 * TINY_CONFIG.text_steps
+    # The guided text loss: per iteration, one step per image on a two-row (guided) UNet call.
+    assert result.stats["text"].unet_evals == 4 * SMALL["text_steps"]
     ranking = [n for n in result.notes if "ranked" in n]
     # The default CLIP id cannot load offline: the LPIPS ranking runs and says why.
     assert len(ranking) == 1 and "lpips-inputs" in ranking[0] and "trunk random" in ranking[0]
     assert "instead of clip-prompts" in ranking[0] and "could not be loaded" in ranking[0]
     no_clip = morph(tiny_model, image_pair, lpips_random, frames=3, method_options={"clip_model": None})
     assert any("lpips-inputs" in n and "no clip_model was given" in n for n in no_clip.notes)
+
+
+def test_nine_frames_are_the_tree_at_k_over_8_whatever_the_preset_schedule(tiny_model, image_pair,
+                                                                           lpips_random):
+    # The fast preset's reschedule would move the frames off the tree; the tree's alphas stay.
+    assert TINY_CONFIG.schedule == "reschedule"
+    result = morph(tiny_model, image_pair, lpips_random, frames=9)
+    assert result.alphas == [k / 8 for k in range(9)]
+    assert not any("rounded up" in n for n in result.notes)
+    assert any("tree of depth 3: 5 (middle frame) to 3 (finest) denoising steps of 10" in n for n in result.notes)
+
+
+def test_a_count_off_the_tree_is_rounded_up_with_a_note(tiny_model, image_pair, lpips_random):
+    assert [wg.tree_frames(n) for n in (2, 3, 4, 5, 6, 9, 10, 16, 17, 18)] == [2, 3, 5, 5, 9, 9, 17, 17, 17, 33]
+    assert wg.tree_frames(None) == 17 and wg.tree_alphas(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match="2\\^m \\+ 1 frames, not 6"):
+        wg.tree_alphas(6)
+    result = morph(tiny_model, image_pair, lpips_random, frames=6)
+    assert result.alphas == [k / 8 for k in range(9)] and len(result.frames) == 9
+    note = next(n for n in result.notes if "rounded up" in n)
+    assert note.startswith("frames=6 rounded up to 9 = 2^3 + 1") and "alphas='schedule'" in note
+    # Any count, off the tree, when the config's schedule picks the alphas.
+    free = morph(tiny_model, image_pair, lpips_random, frames=6, schedule="uniform",
+                 method_options={"alphas": "schedule"})
+    assert free.alphas == pytest.approx([k / 5 for k in range(6)]) and not any("rounded up" in n for n in free.notes)
+
+
+def test_the_defaults_are_the_codes():
+    o = wg.Options()
+    assert (o.steps, o.min_noise, o.max_noise, o.candidates, o.min_candidates, o.guidance) == (200, 0.3, 0.55, 8, 3, 7.5)
+    assert (o.alphas, o.text_loss, o.text_steps, o.text_lr) == ("tree", "guided", 200, 1e-4)
+    # Cost on their 200-step grid: 9 frames (L = 3) and 17 frames (L = 4), guidance doubling.
+    for frames, evals in ((9, 7020), (17, 12812)):
+        levels = wg.tree_levels(o, frames)
+        alphas = wg.tree_alphas(frames)[1:-1]
+        assert 2 * sum(wg.candidates_at(wg.tree_depth(a, levels), o) * wg.noise_steps(a, levels, o.steps)
+                       for a in alphas) == evals
+
+
+def test_the_guided_text_loss_moves_all_three_embeddings(tiny_model, image_pair, lpips_random):
+    from impus_lite.text import encode_prompt
+
+    scheduler = tiny_model.ddim_scheduler("leading")
+    grid = wg.middle_third(scheduler, 200)  # their u in [T//3, 2T//3) on the ascending grid
+    assert (len(grid), grid[0], grid[-1]) == (67, 331, 661)  # u = 66..132, t = 1 + 5u
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    cond, uncond = encode_prompt(tiny_model, "a photo"), encode_prompt(tiny_model, "", allow_empty=True)
+    before = tiny_model.unet_evals
+    out = wg.learn_conditioning(tiny_model, latents, cond, uncond, 2, 1e-2, 7.5, 12, "leading", progress=False)
+    assert tiny_model.unet_evals - before == 2 * 2 * 2
+    assert out.embeddings.shape == (2, *cond.shape[1:]) and out.uncond.shape == uncond.shape
+    for moved, start in ((out.embeddings[0:1], cond), (out.embeddings[1:2], cond), (out.uncond, uncond)):
+        assert not torch.allclose(moved, start.float())
+    assert not torch.allclose(out.embeddings[0], out.embeddings[1])
+    still = wg.learn_conditioning(tiny_model, latents, cond, uncond, 0, 1e-2, 7.5, 12, "leading")
+    assert torch.equal(still.embeddings[0], cond[0].float()) and torch.equal(still.uncond, uncond.float())
 
 
 def test_the_end_frames_are_the_inputs_vae_round_trips(tiny_model, image_pair, lpips_random):
@@ -106,11 +164,11 @@ def test_the_tree_and_its_candidates():
 def test_frames_cost_what_the_schedule_says(tiny_model, image_pair, lpips_random):
     # frames=5: a tree of depth 2 on a 10-step grid: n = 5 (middle), 3 (quarters);
     # candidates 4 at depth 1 and max(4 - 1, 3) = 3 at depth 2; guidance doubles every step.
-    result = morph(tiny_model, image_pair, lpips_random, frames=5, sample_steps=10,
-                   method_options={"candidates": 4, "min_candidates": 3})
+    result = morph(tiny_model, image_pair, lpips_random, frames=5,
+                   method_options={"candidates": 4, "min_candidates": 3, "steps": 10})
     assert result.stats["frames"].unet_evals == 4 * 5 * 2 + 2 * (3 * 3 * 2)
-    plain = morph(tiny_model, image_pair, lpips_random, frames=5, sample_steps=10,
-                  method_options={"candidates": 4, "min_candidates": 3, "guidance": 1.0})
+    plain = morph(tiny_model, image_pair, lpips_random, frames=5,
+                  method_options={"candidates": 4, "min_candidates": 3, "steps": 10, "guidance": 1.0})
     assert plain.stats["frames"].unet_evals == result.stats["frames"].unet_evals // 2
 
 
@@ -119,8 +177,8 @@ def test_the_middle_frame_is_made_at_its_noise_level(tiny_model, image_pair, lpi
     from impus_lite.interp import slerp
     from impus_lite.text import encode_prompt
 
-    result = morph(tiny_model, image_pair, lpips_random, frames=3, sample_steps=8, text_steps=0,
-                   method_options={"candidates": 1, "levels": 2})
+    result = morph(tiny_model, image_pair, lpips_random, frames=3,
+                   method_options={"candidates": 1, "levels": 2, "steps": 8, "text_steps": 0})
     latents = tiny_model.encode(result_inputs(tiny_model, image_pair))
     scheduler = tiny_model.ddim_scheduler(TINY_CONFIG.timestep_spacing)
     n = wg.noise_steps(0.5, 2, 8)
@@ -183,6 +241,10 @@ def test_clip_ranks_when_a_clip_model_loads(tiny_model, image_pair, lpips_random
     ({"candidates": 0}, "at least one candidate"),
     ({"levels": 0}, "levels must be"),
     ({"ranking": "aesthetic"}, "Unknown ranking"),
+    ({"alphas": "beta"}, "Unknown alphas 'beta': use one of tree, schedule"),
+    ({"text_loss": "clip"}, "Unknown text_loss"),
+    ({"steps": 0}, "steps must be an integer >= 1"),
+    ({"text_lr": 0}, "text_lr must be positive"),
 ])
 def test_bad_options_are_refused(tiny_model, image_pair, lpips_random, options, message):
     config = TINY_CONFIG.replace(method="wang-golland", method_options=options)
@@ -191,17 +253,21 @@ def test_bad_options_are_refused(tiny_model, image_pair, lpips_random, options, 
 
 
 def test_settings_it_cannot_honour_are_named(tiny_model, image_pair, lpips_random):
-    result = morph(tiny_model, image_pair, lpips_random, frames=3, lora_rank=4, inversion_steps=7)
+    result = morph(tiny_model, image_pair, lpips_random, frames=3, lora_rank=4, inversion_steps=7, sample_steps=7)
     note = next(n for n in result.notes if "does not use" in n)
-    assert "lora_rank" in note and "inversion_steps" in note and "text_steps" not in note
-    assert "method_options" in note  # where its own settings are
+    assert "lora_rank" in note and "inversion_steps" in note and "method_options" in note
+    # Its own steps and text settings are method options: the config's are named as unused.
+    assert "sample_steps" in note and "text_steps" in note and "schedule" not in note
+    plain = morph(tiny_model, image_pair, lpips_random, frames=3, method_options={"text_loss": "plain"})
+    assert "text_steps" not in next(n for n in plain.notes if "does not use" in n)
 
 
 def test_the_text_stage_is_cached_and_shared_with_impus(tiny_model, image_pair, lpips_random, tmp_path):
     from impus_lite import morph as impus_morph
     impus_morph(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(lora_rank=0), cache_dir=tmp_path,
                 lpips=lpips_random, progress=False)
-    config = TINY_CONFIG.replace(method="wang-golland", frames=3, schedule="uniform", method_options=SMALL)
+    config = TINY_CONFIG.replace(method="wang-golland", frames=3,
+                                 method_options={**SMALL, "text_loss": "plain"})
     result = run_method(tiny_model, *image_pair, "a photo", config, cache_dir=tmp_path, lpips=lpips_random,
                         progress=False)
     assert result.stats["text"].cached and result.stats["text"].unet_evals == 0

@@ -11,6 +11,7 @@ CLI, the cache, export, ``evaluate`` and ``bench`` treat them alike.
     diffmorpher one LoRA per image, LoRA interpolation, AdaIN, attention interpolation
     wang-golland latent interpolation at a noise level that falls towards the ends
     aid        attention interpolation between the endpoints' trajectories (Beta-prior alphas)
+    freemorph  attention guided by both inputs and blended over the steps (Beta(20, 20))
     ========== ==============================================================================
 """
 

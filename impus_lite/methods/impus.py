@@ -5,15 +5,15 @@ adapter, re-inversion and perceptually-uniform alphas. The stages live in
 
 from __future__ import annotations
 
+from ..errors import InputError
+from ..morph import Morpher
+
 #: IMPUS reads every MorphConfig field but ``method_options``.
 USES = None
 
 
 def run(model, image0, image1, prompt, config, cache_dir=None, lpips=None, progress=True):
     """Run every IMPUS stage (see :class:`impus_lite.morph.Morpher`)."""
-    from ..morph import Morpher  # morph imports this family: import it when called
-
     if config.method_options:
-        from ..errors import InputError
         raise InputError("IMPUS takes no method_options: its settings are MorphConfig fields.")
     return Morpher(model, image0, image1, prompt, config, cache_dir, lpips, progress).run()

@@ -13,11 +13,16 @@ be read (see the end; the metrics are introduced in section 4.4 of the paper):
   its reschedule in utils/alpha_scheduler.py, feeds ``ToTensor`` output in [0, 1] instead; the
   metric script does not.) Here the distance is this package's LPIPS on the frames at their own
   size, the same range.
-* **PPL** = ``sum_{k=0}^{15} d_k``, ``d_k = LPIPS(x_k, x_{k+1})``: a sum, not a mean
-  (:func:`impus_lite.perceptual.ppl_path_sum`). Assumed.
-* **PDV** = ``(1/16) sum_k (d_k - mean d)^2``: the variance of the 16 gaps, not their standard
-  deviation (:func:`impus_lite.perceptual.pdv`), population variance (numpy's default,
-  ``ddof=0``). Assumed.
+* **"ppl" is the sum of LPIPS steps**, ``sum_{k=0}^{15} d_k``, ``d_k = LPIPS(x_k, x_{k+1})``
+  (:func:`impus_lite.perceptual.ppl_path_sum`), **not Table 1's PPL**: Table 1's scale is not
+  reproduced until the reduction in issue 33 can be read (see the end). The key stays "ppl"
+  (the metrics registry and its rows name it so); :data:`LABELS` gives the column's name.
+* **PDV** = ``(1/16) sum_k (d_k - mean d)^2``: pinned as the *variance* of the 16 gaps, not
+  their standard deviation (:func:`impus_lite.perceptual.pdv`), following the paper's name
+  (perceptual distance *variance*, sec. 4.4, and Table 1's magnitudes: DDIM's 288.51 against
+  a PPL of 25.38 is no standard deviation of steps that sum to the PPL) and the issue-33
+  script, whose per-method accumulator is ``vars``; population variance (numpy's ``np.var``
+  default, ``ddof=0``) is assumed. Some other scripts report the standard deviation (SPEC).
 * FID: the thread names ``pytorch-fid``, without saying which sets it compares; here the frames
   against the inputs (:mod:`impus_lite.metrics.fid`, key "fid").
 
@@ -42,10 +47,13 @@ from .base import Convention, Render, frames_at, lpips_or
 
 FRAMES = 17
 SOURCE = "https://github.com/Kevin-thu/DiffMorpher/issues/33 (arXiv 2312.07409, sec. 4.4)"
+#: What each key measures, for tables: "ppl" is not on Table 1's scale (see the module docstring).
+LABELS = {"ppl": "sum of LPIPS steps", "pdv": "variance of LPIPS steps"}
 
 
 def from_distances(distances) -> dict[str, float]:
-    """``{"ppl": sum_k d_k, "pdv": Var_k d_k}`` (population variance) of consecutive distances."""
+    """``{"ppl": sum_k d_k, "pdv": Var_k d_k}``: the sum of the consecutive distances (the "sum
+    of LPIPS steps", not Table 1's PPL scale) and their population variance."""
     return {"ppl": ppl_path_sum(distances), "pdv": pdv(distances)}
 
 
