@@ -9,6 +9,12 @@
 
 __version__ = "0.1.0"
 
+# Before anything imports torch: waiting OpenMP threads sleep instead of spinning, so several
+# morphs can share a machine (see impus_lite.threads).
+from .threads import prepare_environment as _prepare_environment  # noqa: E402
+
+_prepare_environment()
+
 from .config import MorphConfig  # noqa: E402
 from .errors import ImpusError, InputError, ModelLoadError  # noqa: E402
 from .models import load_model  # noqa: E402

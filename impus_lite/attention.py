@@ -287,17 +287,19 @@ def self_attention_layers(unet, parts: Sequence[str] = ("down", "mid", "up")) ->
 
 @contextlib.contextmanager
 def installed(unet, make: Callable[[str, object, TimestepClock], object],
-              layers: Optional[Sequence[str]] = None) -> Iterator[TimestepClock]:
+              layers: Optional[Sequence[str]] = None, clock=None) -> Iterator[TimestepClock]:
     """Inside the block, ``make(name, previous, clock)`` is the attention processor of every
     layer in ``layers`` (default: every self-attention layer), installed with diffusers'
     ``unet.set_attn_processor``; the previous processors are restored on exit, also after an
-    exception. Yields the :class:`TimestepClock` the processors read."""
+    exception. Yields the clock the processors read: ``clock`` (any object whose
+    ``read(module, args, kwargs)`` a forward pre-hook calls before every UNet call), by default
+    a :class:`TimestepClock`."""
     layers = self_attention_layers(unet) if layers is None else list(layers)
     saved = dict(unet.attn_processors)
     missing = set(layers) - set(saved)
     if missing:
         raise ValueError(f"The UNet has no attention layers {sorted(missing)[:3]}.")
-    clock = TimestepClock()
+    clock = TimestepClock() if clock is None else clock
     chosen = set(layers)
     unet.set_attn_processor({name: make(name, proc, clock) if name in chosen else proc
                              for name, proc in saved.items()})

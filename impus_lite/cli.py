@@ -92,6 +92,7 @@ def _run_morph(args) -> int:
 
     from .images import open_rgb
     from .text import check_prompt_not_empty
+    from .threads import thread_line
 
     for path in (args.image_a, args.image_b):  # fail on bad files before a model loads
         open_rgb(path)
@@ -127,6 +128,8 @@ def _run_morph(args) -> int:
           f"{e['vae_lpips_b']:.3f}, PSNR {e['vae_psnr_a']:.1f} / {e['vae_psnr_b']:.1f} dB)")
     for note in result.notes:
         print(f"note: {note}")
+    if model.device.type == "cpu":
+        print(thread_line(result.threads))
     print(f"{'stage':<12} {'seconds':>8} {'UNet evals':>11}  cached")
     for name, s in result.stats.items():
         print(f"{name:<12} {s.seconds:8.1f} {s.unet_evals:11d}  {'yes' if s.cached else ''}")
@@ -212,6 +215,12 @@ def _add_bench(sub) -> None:
                       help="latent error of DDIM inversion then sampling (guidance 1) on the "
                            "leading and trailing timestep grids, for every image under --pair "
                            "(prompt: its folder's prompt.txt, else its file name)")
+    mode.add_argument("--concurrent", type=int, nargs="+", metavar="N",
+                      help="load test: the README morph as N processes started at once, for each N, "
+                           "against N times one alone (e.g. --concurrent 2 4)")
+    p.add_argument("--wait-policy", choices=("passive", "active"),
+                   help="--concurrent: OMP_WAIT_POLICY of the morphs (default: passive, as "
+                        "impus_lite sets it; active spins, to see the difference)")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "fp16", "bf16"),
                    help="precisions for --steps-smoke (default fp32 fp16 bf16) and "
                         "--gradient-precision (default fp16 bf16)")
@@ -228,7 +237,11 @@ def _run_bench(args) -> int:
     from .evaluation import find_pairs
     from .runtime import data_path
 
-    if args.steps_smoke:
+    if args.concurrent:
+        from .loadtest import concurrent_morphs, format_concurrent
+        report = concurrent_morphs(args.concurrent, args.wait_policy)
+        text = format_concurrent(report)
+    elif args.steps_smoke:
         pair = find_pairs(args.pair or data_path("pairs", "emoji_cat_dog"))[0]
         report = bench.steps_smoke(args.model, pair.image0, pair.image1, args.prompt,
                                    args.dtypes or ("fp32", "fp16", "bf16"), args.device, args.size)

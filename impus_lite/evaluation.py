@@ -211,14 +211,15 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     def cell(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(key for row in rows for key in row))  # every row's keys, in order
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -402,16 +403,15 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
             data_note = ""
         to_data, to_data_note = data_realism(frames, references, lpips)
         realism_note = " ".join(n for n in (realism_note, to_data_note, data_note) if n)
-        for row in summary:
-            key = row["ablation"] if row["method"] == "impus" else row["method"]
-            row.update(realism.get(key, {}))
-            row.update(to_data.get(key, {}))
+        for row in summary:  # frames are keyed by the rows' labels, as the strips are
+            row.update(realism.get(row["label"], {}))
+            row.update(to_data.get(row["label"], {}))
     else:
         realism_note = "FID, KID and the realism against the training data are computed in a single process only."
     write_csv(merged, out / "results.csv")
     write_csv(summary, out / "summary.csv")
     columns = ("label", "method", "ablation", "pairs", "frames", *METRICS, *END_METRICS, "unet_evals", "seconds")
-    columns += tuple(k for k in ("fid", "kid", "lpips_to_data", "knn_precision") if summary and k in summary[0])
+    columns += tuple(k for k in ("fid", "kid", "lpips_to_data", "knn_precision") if any(k in r for r in summary))
     trunk = merged[0]["lpips_trunk"] if merged else "?"
     (out / "summary.md").write_text(
         f"Model `{model_name}`, LPIPS AlexNet ({trunk} trunk), images in [-1, 1]; "

@@ -517,6 +517,9 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
         module.to(device)
         module.requires_grad_(False)
         module.eval()
+    if device.type == "cpu":  # the machine's share of CPUs (cgroup quota, affinity), not the host's
+        from .threads import apply_threads
+        apply_threads(unet_parameters=sum(p.numel() for p in pipe.unet.parameters()))
     return DiffusionModel(
         name=name, vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer, scheduler_config=dict(pipe.scheduler.config),

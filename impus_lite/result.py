@@ -42,6 +42,8 @@ class MorphResult:
             in dB, inputs as the model sees them), next to the VAE's own reconstruction of the
             inputs (``vae_*``), the floor no morph can beat (see :func:`perceptual.end_errors`).
         stats: per stage, seconds and UNet evaluations.
+        threads: the CPU threads and OpenMP wait policy it ran with
+            (:func:`impus_lite.threads.thread_report`, taken when the result is made).
         label: how tables name the morph when the method's name alone would mislead, e.g.
             "impus (reschedule)" or "aid (inverted codes)"; empty: ``config.method``.
     """
@@ -62,6 +64,12 @@ class MorphResult:
     stats: dict[str, StageStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     label: str = ""
+    threads: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.threads:
+            from .threads import thread_report
+            self.threads = thread_report()
 
     @property
     def name(self) -> str:
@@ -90,6 +98,7 @@ class MorphResult:
                         "smoothness": smoothness(self.distances)},
             "unet_evals": self.unet_evals, "seconds": round(self.seconds, 3),
             "stages": {k: vars(v) for k, v in self.stats.items()}, "notes": self.notes,
+            "threads": self.threads,
         }
 
     def save(self, path: Union[str, Path], fps: float = 8.0) -> Path:

@@ -32,9 +32,12 @@ def test_cli_writes_every_output(image_pair, tmp_path, small_preset, capsys):
     assert len(summary["alphas"]) == 3 and len(summary["distances"]) == 2
     assert summary["config"]["frames"] == 3 and "trunk=imagenet" in summary["lpips"]
     assert summary["unet_evals"] > 0 and "text" in summary["stages"]
+    assert summary["threads"]["torch_threads"] >= 1 and summary["threads"]["source"]
+    assert summary["method"] == "impus (reschedule)"
     gif = Image.open(out / "morph.gif")
     assert gif.n_frames == 4  # 3 frames forward and the middle one back
-    assert "UNet evals" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "UNet evals" in printed and "torch thread" in printed
     assert any((out / "cache").glob("text-*.pt"))
 
 

@@ -263,3 +263,20 @@ def test_data_realism_scores_training_images_above_their_ghosts(lpips):
     assert values["ghosts"]["lpips_to_data"] > 0.02
     assert "36 training images" in note
     assert data_realism({"data": [references[:4]]}, None, lpips) == ({}, "")
+
+
+def test_every_compared_row_gets_its_realism_against_the_training_images(pairs_root, tmp_path, monkeypatch):
+    from impus_lite import config
+    from impus_lite.evaluation import run_evaluation
+    monkeypatch.setitem(config.PRESETS, "fast", TINY_CONFIG.replace(frames=None))
+    g = torch.Generator().manual_seed(1)
+    references = torch.rand(12, 3, 32, 32, generator=g) * 2 - 1
+    results = run_evaluation("tiny", pairs_root, tmp_path / "eval", TINY_CONFIG.replace(frames=3),
+                             ablations=["full"], device="cpu", progress=False, methods=["impus", "slerp"],
+                             inception_weights="random", references=references)
+    rows = results["summary"]
+    assert [r["label"] for r in rows] == ["impus (reschedule)", "slerp"]
+    for row in rows:
+        assert 0 < row["lpips_to_data"] < 2 and 0 <= row["knn_precision"] <= 1 and row["fid"] >= 0
+    summary = (tmp_path / "eval" / "summary.md").read_text()
+    assert "lpips_to_data" in summary.splitlines()[2] and "12 training images" in summary

@@ -96,7 +96,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..attention import AttentionBank, InterpolatingProcessor, RecordingProcessor, self_attention_layers
+from ..attention import AttentionBank, InterpolatingProcessor, RecordingProcessor, installed, self_attention_layers
 from ..cache import stage_key
 from ..errors import InputError
 from ..interp import Alphas, lerp, slerp
@@ -383,21 +383,10 @@ class CallClock:
         self.timestep = 0 if self.timestep is None else self.timestep + 1
 
 
-@contextlib.contextmanager
 def installed_by_call(unet, make, layers: Sequence[str]):
     """Inside the block ``make(name, previous, clock)`` is the processor of each of ``layers``,
     reading a :class:`CallClock`; the previous processors are restored on exit."""
-    saved = dict(unet.attn_processors)
-    clock = CallClock()
-    chosen = set(layers)
-    unet.set_attn_processor({name: make(name, proc, clock) if name in chosen else proc
-                             for name, proc in saved.items()})
-    handle = unet.register_forward_pre_hook(clock.read, with_kwargs=True)
-    try:
-        yield clock
-    finally:
-        handle.remove()
-        unet.set_attn_processor(saved)
+    return installed(unet, make, layers, clock=CallClock())
 
 
 class InputRecorder:

@@ -69,9 +69,11 @@ as plain attention does. The frames are ``D(z_j)`` (N, 3, S, S) in [-1, 1]; fram
 then replaced by the inputs x_0, x_1 (freemorph.py:237-238; ``ends="rendered"`` keeps the
 decoded ends, which differ from the inputs because the inversion mixed them with the others).
 With the ends replaced, a guidance that pulls the rendered ends away from the inputs shows only
-as a jump at the first or last step: on the classroom model at the published w = 7.5 every
-rendered frame of the cat-dog pair, the dog end included, is a cat; ``guidance=1`` keeps the
-ends near the inputs.
+as a jump at the first or last step: on the classroom model at the published w = 7.5 with one
+shared prompt ("cat face dog face") every rendered frame of the cat-dog pair, the dog end
+included, is a cat; with each image's own caption (the default, as their per-image captions)
+the frames go from the cat to the dog, and ``guidance=1`` keeps the rendered ends nearer the
+inputs still.
 
 Cost: n * 5 * N UNet evaluations to invert, n * 2 * N to denoise (n * N at w = 1).
 
