@@ -8,6 +8,8 @@ must put a PNG in its outputs. New notebooks are picked up by the glob; nothing 
 editing when one is added.
 """
 
+import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -76,6 +78,21 @@ def with_solutions(notebook):
             for code in SOLUTION.findall(cell.source):
                 out.cells.append(nbformat.v4.new_code_cell(code, metadata={"tags": ["solution"]}))
     return out
+
+
+def keep_for_the_site(path, notebook):
+    """With ``IMPUS_LITE_EXECUTED_DIR`` set, keep the executed notebook there, stamped by
+    docs/prepare.py's ``stamp``: the site build (docs/build.sh) then reuses it instead of
+    executing the notebook a second time."""
+    folder = os.environ.get("IMPUS_LITE_EXECUTED_DIR")
+    if not folder:
+        return
+    spec = importlib.util.spec_from_file_location("site_prepare", NOTEBOOK_DIR.parent / "docs" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    prepare.stamp(notebook, path, smoke=True)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    nbformat.write(notebook, Path(folder) / path.name)
 
 
 def test_there_are_notebooks():
@@ -149,6 +166,7 @@ def test_notebook_and_its_solutions_execute_in_smoke_mode_with_their_figures(pat
     total = sum(pngs(c) for c in main if c.cell_type == "code")
     promised = notebook.metadata.get("impus_lite", {}).get("figures", 1)
     assert total >= promised, f"{path.name}: {total} figures, the notebook promises {promised}"
+    keep_for_the_site(path, notebook)
 
 
 def test_notebook_09_runs_every_method_with_the_published_metrics():

@@ -1,4 +1,5 @@
-"""The README's two commands are the ones CI runs."""
+"""The README: its two commands are the ones CI runs, the files it names exist, it stays short,
+and its links into the course site point at pages that docs/build.sh writes."""
 
 import re
 from pathlib import Path
@@ -34,3 +35,22 @@ def test_every_package_dependency_is_in_requirements_with_the_same_range():
     requirements = {line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()}
     assert len(package) > 10
     assert [d for d in package if d not in requirements] == []
+
+
+SITE_URL = "https://impus-lite.github.io/impus_lite/"
+README_MAX_LINES = 150
+
+
+def test_readme_is_short():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines: measurements and details belong on the site (docs/pages)")
+
+
+def test_readme_links_to_pages_the_site_build_writes():
+    text = (ROOT / "README.md").read_text()
+    pages = re.findall(re.escape(SITE_URL) + r"([\w/.-]*?)\.html", text)
+    assert {"index", "course", "results", "running"} <= set(pages)
+    written = ({p.stem for p in (ROOT / "docs" / "pages").glob("*.md")} | {"course", "api"}
+               | {f"lessons/{p.stem}" for p in (ROOT / "notebooks").glob("*.ipynb")})
+    assert [p for p in pages if p not in written] == []
