@@ -8,6 +8,7 @@ must put a PNG in its outputs. New notebooks are picked up by the glob; nothing 
 editing when one is added.
 """
 
+import functools
 import importlib.util
 import os
 import re
@@ -50,7 +51,6 @@ STALE_PHRASES = {
     "trunk needs ImageNet weights": "the LPIPS trunk ships in data/lpips: nothing is downloaded",
     "runs on a random\n> AlexNet trunk": "the LPIPS trunk ships in data/lpips: LPIPS is real offline",
 }
-SOLUTION = re.compile(r"<details>.*?```python\n(.*?)```.*?</details>", re.S)
 INSTALL_URL = re.compile(r'^REPO_URL = "([^"]+)"', re.M)
 TOP_LEVEL_SHOW = re.compile(r"^plt\.show\(\)", re.M)
 
@@ -68,16 +68,20 @@ def install_cell(notebook):
     return cells[0] if cells else None
 
 
+@functools.lru_cache(maxsize=1)
+def site_prepare():
+    """docs/prepare.py as a module: the site build and this test share its notebook helpers."""
+    spec = importlib.util.spec_from_file_location("site_prepare", NOTEBOOK_DIR.parent / "docs" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    return prepare
+
+
 def with_solutions(notebook):
     """A copy of the notebook in which every hidden solution's code runs as a code cell placed
-    right after its ``<details>`` cell; the added cells are tagged ``solution``."""
-    out = nbformat.v4.new_notebook(metadata=notebook.metadata)
-    for cell in notebook.cells:
-        out.cells.append(cell)
-        if cell.cell_type == "markdown":
-            for code in SOLUTION.findall(cell.source):
-                out.cells.append(nbformat.v4.new_code_cell(code, metadata={"tags": ["solution"]}))
-    return out
+    right after its ``<details>`` cell, tagged ``solution`` (docs/prepare.py's, which the site
+    build uses too)."""
+    return site_prepare().with_solutions(notebook)
 
 
 def keep_for_the_site(path, notebook):
@@ -87,10 +91,7 @@ def keep_for_the_site(path, notebook):
     folder = os.environ.get("IMPUS_LITE_EXECUTED_DIR")
     if not folder:
         return
-    spec = importlib.util.spec_from_file_location("site_prepare", NOTEBOOK_DIR.parent / "docs" / "prepare.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    prepare.stamp(notebook, path, smoke=True)
+    site_prepare().stamp(notebook, path, smoke=True)
     Path(folder).mkdir(parents=True, exist_ok=True)
     nbformat.write(notebook, Path(folder) / path.name)
 
