@@ -80,13 +80,37 @@ def prompts(page):
     return page.eval_on_selector_all(".jp-Notebook .jp-CodeCell .jp-InputPrompt", "ps => ps.map(p => p.textContent.trim())")
 
 
+def dismiss_dialogs(page, seen: list) -> None:
+    """Accept any modal dialog JupyterLab put up (on a fresh environment, where the first kernel
+    start compiles every import, it can ask which kernel to use or report a slow server), so that
+    it does not swallow the clicks; its text goes to ``seen`` for the failure message."""
+    for _ in range(5):
+        dialog = page.locator(".jp-Dialog")
+        if not dialog.count() or not dialog.first.is_visible():
+            return
+        seen.append(dialog.first.inner_text()[:300])
+        accept = dialog.first.locator(".jp-Dialog-button.jp-mod-accept")
+        if accept.count():
+            accept.first.click()
+        else:
+            page.keyboard.press("Escape")
+        time.sleep(1)
+
+
 def run_all_cells(page):
     """Run > Run All Cells, then wait until no cell is queued or running. A click that started
-    nothing (the menu still opening on a busy machine) is repeated."""
+    nothing (the menu still opening on a busy machine, a dialog in front) is repeated."""
+    from playwright.sync_api import TimeoutError as ClickTimeout
+
+    dialogs: list = []
     for attempt in range(3):
-        page.keyboard.press("Escape")
-        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-        page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+        dismiss_dialogs(page, dialogs)
+        try:
+            page.keyboard.press("Escape")
+            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click(timeout=30_000)
+            page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click(timeout=30_000)
+        except ClickTimeout:  # something in front of the menu: dismiss it and try again
+            continue
         started = time.monotonic() + 60
         while time.monotonic() < started and not any(re.search(r"[*\d]", p) for p in prompts(page)):
             time.sleep(1)
@@ -94,16 +118,17 @@ def run_all_cells(page):
             break
     else:
         page.screenshot(path=str(failure_shot()))
-        pytest.fail(f"Run All Cells started nothing (screenshot: {failure_shot()})")
+        pytest.fail(f"Run All Cells started nothing (screenshot: {failure_shot()}; dialogs: {dialogs})")
     deadline, quiet = time.monotonic() + RUN_TIMEOUT_S, 0
     while time.monotonic() < deadline:
+        dismiss_dialogs(page, dialogs)
         shown = prompts(page)
         quiet = 0 if any("*" in p for p in shown) else quiet + 1
         if quiet >= 3:
             return shown
         time.sleep(2)
     page.screenshot(path=str(failure_shot()))
-    pytest.fail(f"the cells did not finish within {RUN_TIMEOUT_S} s: {prompts(page)}")
+    pytest.fail(f"the cells did not finish within {RUN_TIMEOUT_S} s: {prompts(page)}; dialogs: {dialogs}")
 
 
 def failure_shot() -> Path:
