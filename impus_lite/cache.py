@@ -82,3 +82,60 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+#: Where the lessons' shipped stage outputs live: ``data/stage_caches/<lesson>/``.
+LESSON_CACHE_DIR = Path(__file__).resolve().parent.parent / "data" / "stage_caches"
+#: Environment variable: "1" makes :func:`lesson_cache` write into the shipped folder itself
+#: (how ``python -m impus_lite.lesson_caches`` rebuilds them).
+LESSON_CACHE_BUILD_ENV = "IMPUS_LITE_BUILD_LESSON_CACHES"
+
+
+def lesson_cache(lesson: str, folder: Union[str, Path, None] = None) -> Path:
+    """A stage-cache folder for a lesson, seeded with the stage outputs shipped for it.
+
+    The shipped files (``data/stage_caches/<lesson>/*.pt``: text embeddings, adapters, inverted
+    codes of the bundled pairs, computed with the lesson's full-mode settings on the classroom
+    model) are copied into ``folder`` (default: a new temporary folder), so the lesson can write
+    beside them without touching the repository. Keys are content hashes
+    (:func:`stage_key`), so a stage whose image, prompt, model or settings differ never loads a
+    shipped file: it runs, as it would without them. Prints what was copied.
+    """
+    import shutil
+
+    shipped = LESSON_CACHE_DIR / lesson
+    if os.environ.get(LESSON_CACHE_BUILD_ENV, "").strip() == "1":
+        shipped.mkdir(parents=True, exist_ok=True)
+        print(f"Writing this lesson's stage outputs into {shipped} (rebuilding the shipped cache).")
+        return shipped
+    target = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix=f"impus_lite_{lesson}_"))
+    target.mkdir(parents=True, exist_ok=True)
+    files = sorted(shipped.glob("*.pt")) if shipped.is_dir() else []
+    counts: dict = {}
+    for path in files:
+        shutil.copy2(path, target / path.name)
+        stage = path.name.rsplit("-", 1)[0]
+        counts[stage] = counts.get(stage, 0) + 1
+    if files:
+        size = sum(p.stat().st_size for p in files) / 2**20
+        listed = ", ".join(f"{stage} x{n}" for stage, n in counts.items())
+        print(f"Stage cache: {len(files)} shipped stage outputs ({size:.1f} MiB: {listed}) copied to "
+              f"{target}; a stage whose inputs and settings match loads instead of running.")
+    else:
+        print(f"Stage cache: {target} (nothing shipped for {lesson}: every stage runs).")
+    return target
+
+
+def cache_report(caches) -> str:
+    """One line: which stages loaded from a cache and which ran, over ``StageCache`` objects
+    (e.g. ``[morpher.cache for morpher in ...]`` or a result's ``stats``)."""
+    hits: dict = {}
+    misses: dict = {}
+    for cache in caches:
+        for stage in cache.hits:
+            hits[stage] = hits.get(stage, 0) + 1
+        for stage in cache.misses:
+            misses[stage] = misses.get(stage, 0) + 1
+    loaded = ", ".join(f"{s} x{n}" for s, n in hits.items()) or "nothing"
+    ran = ", ".join(f"{s} x{n}" for s, n in misses.items()) or "nothing"
+    return f"Loaded from the stage cache: {loaded}. Computed: {ran}."

@@ -50,14 +50,27 @@ def gpu_report() -> str:
             "Stable Diffusion open them on Colab with a GPU runtime.\n" + thread_line())
 
 
+#: Environment variable that overrides the model every notebook loads (see notebook_model_name).
+MODEL_ENV = "IMPUS_LITE_MODEL"
+#: Short names IMPUS_LITE_MODEL accepts besides load_model's names, a hub id or a folder.
+MODEL_SHORT_NAMES = ("sd15",)
+
+
 def notebook_model_name() -> str:
     """The model a notebook should load here.
 
-    Smoke mode: the classroom model when it ships in data/classroom, else the tiny random one.
-    Otherwise: Stable Diffusion 1.5 on a CUDA GPU, the classroom model (or tiny) on a CPU.
+    ``IMPUS_LITE_MODEL`` decides when set: ``classroom``, ``tiny``, ``sd15`` (Stable Diffusion
+    1.5), any other built-in name of :func:`impus_lite.load_model`, a hub id or a folder; e.g.
+    ``%env IMPUS_LITE_MODEL=classroom`` keeps a Colab GPU session on the classroom model (fast,
+    and the lessons' measured numbers are on it). Otherwise, smoke mode: the classroom model
+    when it ships in data/classroom, else the tiny random one; full mode: Stable Diffusion 1.5
+    on a CUDA GPU, the classroom model (or tiny) on a CPU.
     """
     from .models import DEFAULT_MODEL
 
+    chosen = os.environ.get(MODEL_ENV, "").strip()
+    if chosen:
+        return DEFAULT_MODEL if chosen.lower() == "sd15" else chosen
     classroom = (DATA_DIR / "classroom" / "model_index.json").is_file()
     if not is_smoke() and torch.cuda.is_available():
         return DEFAULT_MODEL

@@ -17,6 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from impus_lite.checks import STRICT_ENV
 from impus_lite.runtime import REPO_URL, colab_badge
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -96,6 +97,11 @@ def keep_for_the_site(path, notebook):
     nbformat.write(notebook, Path(folder) / path.name)
 
 
+def stdout(cell):
+    return "".join(output.get("text", "") for output in cell.get("outputs", [])
+                   if output.get("output_type") == "stream")
+
+
 def test_there_are_notebooks():
     assert NOTEBOOKS, f"no notebooks found in {NOTEBOOK_DIR}"
 
@@ -150,6 +156,7 @@ def test_notebook_and_its_solutions_execute_in_smoke_mode_with_their_figures(pat
 
     monkeypatch.setenv("IMPUS_LITE_SMOKE", "1")
     monkeypatch.setenv("MPLBACKEND", INLINE_BACKEND)
+    monkeypatch.setenv(STRICT_ENV, "1")  # a check whose solution is wrong raises: the cell fails
     notebook = with_solutions(read(path))
     assert len(notebook.cells) > len(read(path).cells) or "<details>" not in str(read(path).cells), (
         f"{path.name}: <details> cells hold no ```python block to run")
@@ -167,6 +174,9 @@ def test_notebook_and_its_solutions_execute_in_smoke_mode_with_their_figures(pat
     total = sum(pngs(c) for c in main if c.cell_type == "code")
     promised = notebook.metadata.get("impus_lite", {}).get("figures", 1)
     assert total >= promised, f"{path.name}: {total} figures, the notebook promises {promised}"
+    unchecked = [i for i, cell in enumerate(notebook.cells)
+                 if cell.cell_type == "code" and "checks.check_" in cell.source and "✓ right" not in stdout(cell)]
+    assert not unchecked, f"{path.name}: check cells {unchecked} did not print '✓ right' with the solutions"
     keep_for_the_site(path, notebook)
 
 

@@ -1,0 +1,3 @@
+"""Checks for ... (filled in per topic)."""
+
+__all__: list = []
