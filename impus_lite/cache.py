@@ -87,7 +87,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
 #: Where the lessons' shipped stage outputs live: ``data/stage_caches/<lesson>/``.
 LESSON_CACHE_DIR = Path(__file__).resolve().parent.parent / "data" / "stage_caches"
 #: Environment variable: "1" makes :func:`lesson_cache` write into the shipped folder itself
-#: (how ``python -m impus_lite.lesson_caches`` rebuilds them).
+#: (how ``data/stage_caches/build.py`` rebuilds them).
 LESSON_CACHE_BUILD_ENV = "IMPUS_LITE_BUILD_LESSON_CACHES"
 
 
