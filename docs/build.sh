@@ -19,8 +19,9 @@
 #
 # Measured (December 2026, a 2-core AMD EPYC (Zen 5), OMP_NUM_THREADS=1, the machine shared at
 # times with test runs): a full build, every notebook executed in full mode on the classroom
-# model with its solutions and then Sphinx, took 36.5 minutes (2,188 s; 08 and 09 the longest at
-# 531 s and 420 s; 61 MB of site). A smoke build took 4 min 40 s from nothing and about 20 s
+# model with its solutions and then Sphinx, took 36.5 minutes (2,188 s; the evaluation lesson and the
+# neighbours lesson the longest at 531 s and 420 s, before each was split in two (08-09, 10-11);
+# 61 MB of site). A smoke build took 4 min 40 s from nothing and about 20 s
 # when it reuses the notebooks that the notebook test executed (as in CI).
 set -euo pipefail
 OUT=${1:?usage: bash docs/build.sh OUT}

@@ -230,7 +230,7 @@ def course_map(paths) -> str:
         "# Course map",
         "",
         "The lessons in order. Each teaches one idea and is backed by one tested module of",
-        "`impus_lite`; notebooks 07 to 09 put the modules together. Times come from the",
+        "`impus_lite`; notebooks 07 to 11 put the modules together. Times come from the",
         "**Runtime.** paragraph at the top of each notebook: on a CPU in full mode with the",
         "classroom model, measured on a 2-core AMD EPYC server CPU (shared, torch on 2 threads);",
         "on a Colab T4 with Stable Diffusion 1.5, estimated from the UNet evaluations each notebook",

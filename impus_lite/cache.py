@@ -126,15 +126,24 @@ def lesson_cache(lesson: str, folder: Union[str, Path, None] = None) -> Path:
     return target
 
 
-def cache_report(caches) -> str:
-    """One line: which stages loaded from a cache and which ran, over ``StageCache`` objects
-    (e.g. ``[morpher.cache for morpher in ...]`` or a result's ``stats``)."""
+def cache_report(sources) -> str:
+    """One line: which stages loaded from a cache and which ran.
+
+    ``sources``: :class:`StageCache` objects (``[morpher.cache for morpher in ...]``: every
+    lookup, by stage) and/or results with ``stats`` (:class:`impus_lite.MorphResult`: each stage
+    counted once, loaded when its ``cached`` flag is set).
+    """
     hits: dict = {}
     misses: dict = {}
-    for cache in caches:
-        for stage in cache.hits:
+    for source in sources:
+        if hasattr(source, "hits"):
+            loaded, computed = source.hits, source.misses
+        else:
+            loaded = [stage for stage, stats in source.stats.items() if stats.cached]
+            computed = [stage for stage, stats in source.stats.items() if not stats.cached]
+        for stage in loaded:
             hits[stage] = hits.get(stage, 0) + 1
-        for stage in cache.misses:
+        for stage in computed:
             misses[stage] = misses.get(stage, 0) + 1
     loaded = ", ".join(f"{s} x{n}" for s, n in hits.items()) or "nothing"
     ran = ", ".join(f"{s} x{n}" for s, n in misses.items()) or "nothing"

@@ -1,5 +1,5 @@
 """Evaluating morphs: ablations of IMPUS and the neighbouring methods over a set of pairs, as
-tables and plots (notebooks 08 and 09).
+tables and plots (notebooks 09 and 10).
 
 For every pair, each :data:`ABLATIONS` row changes one thing in the base config and reports
 the path metrics of :mod:`impus_lite.perceptual` on the frames it makes (lower PPL and PDV are

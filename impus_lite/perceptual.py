@@ -1,4 +1,4 @@
-"""Image distances and path metrics: LPIPS, PPL (two forms), PDV, smoothness, rPPD (notebooks 06, 08).
+"""Image distances and path metrics: LPIPS, PPL (two forms), PDV, smoothness, rPPD (notebooks 06, 08, 09).
 
 Conventions (the papers disagree; these are the ones used everywhere in impus_lite):
 

@@ -82,3 +82,10 @@ def test_cache_report_counts_loads_and_computations():
     miss.misses += ["inversion"]
     line = cache_report([hit, miss])
     assert "text x2" in line and "cond_lora x1" in line and "Computed: inversion x1" in line
+
+
+def test_cache_report_reads_results_by_their_stage_flags():
+    from types import SimpleNamespace
+
+    result = SimpleNamespace(stats={"text": SimpleNamespace(cached=True), "frames": SimpleNamespace(cached=False)})
+    assert cache_report([result]) == "Loaded from the stage cache: text x1. Computed: frames x1."

@@ -43,7 +43,8 @@ STALE_PHRASES = {
     "32 for the tiny model": "the classroom model's text embeddings have D = 128",
     "about not measured yet": "say 'not measured yet' without 'about'",
     "(not measured yet)": "every notebook's CPU runtime is measured: state the figure",
-    "compared in notebooks 06 and 08": "notebook 09 compares DiffMorpher; 06 uses its reschedule",
+    "compared in notebooks 06 and 08": "notebook 10 compares DiffMorpher; 06 uses its reschedule",
+    "($1/(K-1)$ for a straight path)": "1/(K-1) holds for a metric; LPIPS, close to quadratic, gives 1/(K-1)^2",
     "reported as about as good": "unsourced: 50 inversion steps are this package's choice for speed",
     "be about as good)": "unsourced: 50 inversion steps are this package's choice for speed",
     "could not be downloaded (offline)": "the LPIPS trunk ships in data/lpips: LPIPS is real offline",
@@ -180,13 +181,13 @@ def test_notebook_and_its_solutions_execute_in_smoke_mode_with_their_figures(pat
     keep_for_the_site(path, notebook)
 
 
-def test_notebook_09_runs_every_method_with_the_published_metrics():
-    """Notebook 09 puts every method of impus_lite.methods side by side: a method added to the
+def test_notebook_10_runs_every_method_with_the_published_metrics():
+    """Notebook 10 puts every method of impus_lite.methods side by side: a method added to the
     package must get its row in the notebook's RUNS table (the notebook asserts the same when it
     runs), and the table's numbers come from impus_lite.metrics, not from code of its own."""
     from impus_lite.config import METHODS
 
-    path = NOTEBOOK_DIR / "09_impus_among_neighbours.ipynb"
+    path = NOTEBOOK_DIR / "10_impus_among_neighbours.ipynb"
     code = "\n".join(cell.source for cell in read(path).cells if cell.cell_type == "code")
     missing = [method for method in METHODS if f'"{method}": (' not in code]
     assert not missing, f"{path.name}: no run of {missing} in RUNS"

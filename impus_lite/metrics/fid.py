@@ -1,6 +1,6 @@
 """FID and KID of a morph's frames against its inputs, computed by torchmetrics.
 
-Why torchmetrics: it is already a dependency (notebook 08), its Inception-v3 is
+Why torchmetrics: it is already a dependency (notebook 09), its Inception-v3 is
 torch-fidelity's port of the TensorFlow FID network (the same 2015-12-05 graph that
 pytorch-fid, used by DiffMorpher, also ports), it works on tensors already in memory (no
 folders of PNGs) and on the GPU, and it gives FID and KID with one feature extractor. The two
