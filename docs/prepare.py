@@ -199,29 +199,44 @@ def for_the_site(notebook):
 
 # ---- the course map --------------------------------------------------------------------------
 
+def _before(text: str, marker: str) -> str:
+    """The phrase right before ``marker`` in ``text`` (back to the last colon, comma or
+    semicolon), with parentheses dropped: "about 7 minutes" from "...: about 7 minutes (394 s
+    measured) in full mode"."""
+    flat = re.sub(r"\s*\([^()]*\)", "", text)
+    found = re.search(r"([^:,;]*?)\s+(?:measured\s+)?" + marker, flat)
+    return found.group(1).strip() if found else ""
+
+
 def lesson_facts(path: Path) -> dict:
-    """Title, learning goals and the CPU / T4 times of one notebook, from its own text."""
+    """Title, learning goals, lecture length and the CPU / T4 times of one notebook, from its
+    own text: the first heading, the "You will learn to" list, the **Lecture plan.** ("About N
+    minutes ...") and the one-line **Runtime.** note ("...: X in full mode, Y with the shipped
+    stage cache, ... Colab T4 ...: Z, an estimate ...")."""
     notebook = nbformat.read(path, as_version=4)
     markdown = [c.source for c in notebook.cells if c.cell_type == "markdown"]
     title = markdown[0].splitlines()[0].lstrip("# ").strip()
     number, _, name = title.partition(" · ")
-    goals = next((s for s in markdown[:4] if s.startswith("**You will learn")), "")
+    goals = next((s for s in markdown[:5] if s.startswith("**You will learn")), "")
     goals = [g.strip() for g in re.split(r"\n- ", goals)[1:]]
     goals = [re.sub(r"\s*\n\s*", " ", g).rstrip(".; ") for g in goals]
-    runtime = next(s for s in markdown[:4] if s.startswith("**Runtime.**"))
-    cpu_part = re.split(r"On (?:a )?Colab", runtime)[0]
-    cpu = (re.search(r"On a CPU[^:]*?\):\s*(.*?)\s+in full mode", cpu_part, re.S)
-           or re.search(r"[Ff]ull mode[^:]*:\s*(about .*?)(?:;|\.\s|$)", cpu_part, re.S))
-    t4 = re.search(r"On a Colab T4[^:]*:\s*(.*?)\s*\(an estimate", runtime, re.S)
+    runtime = next(s for s in markdown[:6] if s.startswith("**Runtime.**"))
+    plan = next((s for s in markdown[:6] if s.startswith("**Lecture plan.**")), "")
+    cpu_part, _, t4_part = runtime.partition("T4")
+    t4 = re.search(r"^[^:]*:\s*([^,(;]*)", t4_part)
     if t4:
-        t4_text = t4.group(1).replace("**", "") + " (estimate, Stable Diffusion 1.5)"
-    elif re.search(r"On Colab: the same", runtime):
+        t4_text = t4.group(1).strip().rstrip(".") + " (estimate, Stable Diffusion 1.5)"
+    elif re.search(r"no (?:diffusion )?model|leave the runtime on CPU", runtime):
         t4_text = "the same as on a CPU (no diffusion model; no GPU needed)"
     else:
         t4_text = "see the notebook"
+    lecture = re.search(r"About (\d+) minutes", plan)
     return {"stem": path.stem, "number": number.strip(), "name": name.strip() or title,
-            "goals": goals, "cpu": cpu.group(1).strip() if cpu else "see the notebook",
-            "t4": t4_text, "runtime": runtime.replace("**Runtime.**", "").strip()}
+            "goals": goals, "cpu": _before(cpu_part, "in full mode") or "see the notebook",
+            "cached": _before(cpu_part, "with the shipped stage cache") or "",
+            "t4": t4_text, "lecture": f"{lecture.group(1)} min" if lecture else "",
+            "plan": plan.replace("**Lecture plan.**", "").strip(),
+            "runtime": runtime.replace("**Runtime.**", "").strip()}
 
 
 def course_map(paths) -> str:
@@ -230,24 +245,29 @@ def course_map(paths) -> str:
         "# Course map",
         "",
         "The lessons in order. Each teaches one idea and is backed by one tested module of",
-        "`impus_lite`; notebooks 07 to 11 put the modules together. Times come from the",
-        "**Runtime.** paragraph at the top of each notebook: on a CPU in full mode with the",
-        "classroom model, measured on a 2-core AMD EPYC server CPU (shared, torch on 2 threads);",
+        "`impus_lite`; notebooks 07 to 11 put the modules together. Each opens with a lecture",
+        "plan (what to run live and for how long) and closes with its takeaways. Times come from",
+        "the **Runtime.** line at the top of each notebook: on a CPU in full mode with the",
+        "classroom model, measured on a 2-core AMD EPYC (Zen 5); with the shipped stage cache",
+        "(lessons that train load their embeddings, adapters and codes from data/stage_caches);",
         "on a Colab T4 with Stable Diffusion 1.5, estimated from the UNet evaluations each notebook",
         "makes (about 2.5 a second). Smoke mode (`IMPUS_LITE_SMOKE=1`) runs every notebook in a",
         "few minutes or less on a CPU.",
         "",
-        "| # | lesson | time on a CPU (full mode) | time on a Colab T4 |",
-        "| --- | --- | --- | --- |",
+        "| # | lesson | lecture | CPU, full mode | CPU, shipped stage cache | Colab T4 |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for f in facts:
-        lines.append(f"| {f['number']} | [{f['name']}](lessons/{f['stem']}.ipynb) | {f['cpu']} | {f['t4']} |")
+        lines.append(f"| {f['number']} | [{f['name']}](lessons/{f['stem']}.ipynb) | {f['lecture'] or '-'} "
+                     f"| {f['cpu']} | {f['cached'] or '-'} | {f['t4']} |")
     lines += ["", "## What each lesson teaches", ""]
     for f in facts:
         lines += [f"### {f['number']} · {f['name']}", "",
                   f"[Open the lesson](lessons/{f['stem']}.ipynb). You will learn to:", ""]
         lines += [f"- {g};" if i < len(f["goals"]) - 1 else f"- {g}." for i, g in enumerate(f["goals"])]
         lines += ["", f"*Runtime.* {f['runtime']}", ""]
+        if f["plan"]:
+            lines += ["*Lecture plan.*", "", f["plan"], ""]
     return "\n".join(lines) + "\n"
 
 

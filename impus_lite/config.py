@@ -180,11 +180,11 @@ PRESETS = {
     # The IMPUS reference code (GoL2022/IMPUS run_morph.py) wherever a choice changes the result:
     # stretch to the model's size (bilinear), fp32, leading DDIM grids (inversion ends at t=997,
     # sampling starts at t=931), the code's rPPD probe, Gaussian LoRA initialisation. What it
-    # cannot reproduce (random draws, the unbounded rank) is listed in the README.
+    # cannot reproduce (random draws, the unbounded rank) is listed in docs/pages/methods.md.
     "paper": MorphConfig(),
-    # Fewer, better-used UNet evaluations: 50-step inversion (this package's choice, for speed;
-    # not compared with 250: the README's "One grid, and how close the ends come" measures its
-    # round trip), 100 text steps at a higher rate, 10 DDIM steps per frame, and alphas from
+    # Fewer, better-used UNet evaluations: 50-step inversion (for speed; the reference code's
+    # run_morph.py comments that 250 steps are not clearly better than 50; the results page's
+    # "Inversion and sampling on one grid" measures the round trip), 100 text steps at a higher rate, 10 DDIM steps per frame, and alphas from
     # three batched render passes of the reschedule (through every frame rendered, with the
     # fitted distance exponent) instead of a frame-by-frame binary search. Sized so that a
     # morph costs no more UNet evaluations than DiffMorpher's for the same frames (1,290 against

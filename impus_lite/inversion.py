@@ -58,7 +58,8 @@ def ddim_invert(model: DiffusionModel, latents: torch.Tensor, embeddings: torch.
 
     Args:
         embeddings: (B or 1, L, D) text embeddings, one per latent (guidance 1).
-        steps: number of inversion steps (IMPUS: 250; 50 is about as good).
+        steps: number of inversion steps (IMPUS: 250; its run_morph.py comments that 250 are not
+            clearly better than 50, the ``fast`` preset's choice).
         adapter: LoRA adapter to run the UNet with (None: the base model).
         timestep_spacing: "leading" or "trailing" (None: the model's scheduler config).
     Returns:

@@ -320,8 +320,14 @@ class DiffusionModel:
     def ddim_inverse_scheduler(self, timestep_spacing: Optional[str] = None):
         """A fresh ``diffusers.DDIMInverseScheduler`` on the model's training noise schedule
         (``timestep_spacing`` as for :meth:`ddim_scheduler`)."""
+        import inspect
+
         from diffusers import DDIMInverseScheduler
-        return DDIMInverseScheduler.from_config(self._scheduler_config(timestep_spacing))
+        config = self._scheduler_config(timestep_spacing)
+        accepted = inspect.signature(DDIMInverseScheduler.__init__).parameters
+        # keys only DDIMScheduler takes (thresholding, ...) would make diffusers warn on every call
+        return DDIMInverseScheduler.from_config({k: v for k, v in config.items()
+                                                 if k in accepted or k.startswith("_")})
 
     def _scheduler_config(self, timestep_spacing: Optional[str]) -> dict:
         if timestep_spacing is None:

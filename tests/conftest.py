@@ -60,3 +60,28 @@ TINY_CONFIG = MorphConfig.preset(
 @pytest.fixture
 def tiny_config():
     return TINY_CONFIG
+
+
+def assert_check_contract(check, right, wrong, monkeypatch, capsys):
+    """What every exercise check promises: the right function passes, ``wrong`` fails with a
+    hint, a stub raising NotImplementedError reads "not written", and none of these raises
+    unless checks are strict, when anything but right raises CheckFailed."""
+    from impus_lite import checks
+
+    def stub(*args, **kwargs):
+        raise NotImplementedError("write it")
+
+    monkeypatch.delenv(checks.STRICT_ENV, raising=False)
+    assert check(right).status == "right"
+    result = check(wrong)
+    assert result.status == "wrong" and result.hint
+    assert check(stub).status == "not written"
+    out = capsys.readouterr().out
+    assert "✓ right" in out and "✗ wrong" in out and "not written yet" in out
+    monkeypatch.setenv(checks.STRICT_ENV, "1")
+    assert check(right)
+    with pytest.raises(checks.CheckFailed):
+        check(wrong)
+    with pytest.raises(checks.CheckFailed, match="not written"):
+        check(stub)
+    monkeypatch.delenv(checks.STRICT_ENV)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from impus_lite import checks
+
+from conftest import assert_check_contract
 from impus_lite import ot as iot
 from impus_lite.interp import lerp
 
@@ -51,25 +53,7 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_right_wrong_and_stub_without_raising(name, monkeypatch, capsys):
-    monkeypatch.delenv(checks.STRICT_ENV, raising=False)
-    check, right, wrong = CASES[name]
-    assert check(right).status == "right"
-    result = check(wrong)
-    assert result.status == "wrong" and result.hint
-    assert check(stub).status == "not written"
-    out = capsys.readouterr().out
-    assert "✓ right" in out and "✗ wrong" in out and "not written yet" in out
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_strict_mode_raises_on_anything_but_right(name, monkeypatch):
-    monkeypatch.setenv(checks.STRICT_ENV, "1")
-    check, right, wrong = CASES[name]
-    assert check(right)
-    with pytest.raises(checks.CheckFailed):
-        check(wrong)
-    with pytest.raises(checks.CheckFailed, match="not written"):
-        check(stub)
+    assert_check_contract(*CASES[name], monkeypatch, capsys)
 
 
 def test_the_gaussian_derivation(monkeypatch, capsys):

@@ -159,7 +159,8 @@ def test_the_course_map_gives_every_lesson_in_order_with_its_times(site, server)
         numbers = [rows.nth(i).locator("td").first.inner_text().strip() for i in range(rows.count())]
         assert numbers == [p.stem[:2] for p in NOTEBOOKS]
         for i in range(rows.count()):
-            cpu, t4 = (rows.nth(i).locator("td").nth(k).inner_text() for k in (2, 3))
+            lecture, cpu, t4 = (rows.nth(i).locator("td").nth(k).inner_text() for k in (2, 3, 5))
+            assert re.search(r"\d+ min", lecture), f"lesson {numbers[i]}: no lecture length"
             assert re.search(r"\d", cpu) and t4 and "see the notebook" not in cpu + t4, numbers[i]
         page.goto(f"{server}/results.html", wait_until="load")
         assert page.locator("article table").count() >= 6, "the results page holds the measurement tables"
