@@ -58,14 +58,14 @@ def test_check_lora_forward_uses_a_real_peft_layer_with_nonzero_b():
         assert not torch.allclose(layer(x), layer.base_layer(x))
 
 
-def test_check_rppd_straight_quadratic():
-    assert checks.check_rppd_straight_quadratic(lambda K: 1 / (K - 1) ** 2).status == "right"
-    assert checks.check_rppd_straight_quadratic(1 / 81).status == "right"
-    assert checks.check_rppd_straight_quadratic(0.0123).status == "right"
-    assert checks.check_rppd_straight_quadratic(lambda K: 1 / (K - 1)).status == "wrong"  # additive distance
-    assert checks.check_rppd_straight_quadratic(1 / 9).status == "wrong"
-    assert checks.check_rppd_straight_quadratic(stub).status == "not written"
-    assert checks.check_rppd_straight_quadratic(...).status == "not written"
+def test_check_rppd_straight():
+    assert checks.check_rppd_straight(lambda K: 1 / (K - 1) ** 2).status == "right"
+    assert checks.check_rppd_straight(1 / 81).status == "right"
+    assert checks.check_rppd_straight(0.0123).status == "right"
+    assert checks.check_rppd_straight(lambda K: 1 / (K - 1)).status == "wrong"  # additive distance
+    assert checks.check_rppd_straight(1 / 9).status == "wrong"
+    assert checks.check_rppd_straight(stub).status == "not written"
+    assert checks.check_rppd_straight(...).status == "not written"
 
 
 def test_strict_mode_raises(monkeypatch):
@@ -73,5 +73,5 @@ def test_strict_mode_raises(monkeypatch):
     with pytest.raises(checks.CheckFailed):
         checks.check_rppd(stub)
     with pytest.raises(checks.CheckFailed):
-        checks.check_rppd_straight_quadratic(1 / 9)
+        checks.check_rppd_straight(1 / 9)
     assert checks.check_rank_rule(rank_from_rppd)

@@ -13,9 +13,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .base import CheckResult, check_value, compare
+from .base import CheckResult, compare
 
-__all__ = ["check_rppd", "check_rank_rule", "check_lora_forward", "check_rppd_straight_quadratic"]
+__all__ = ["check_rppd", "check_rank_rule", "check_lora_forward"]
 
 
 def _rppd_cases() -> list[tuple[np.ndarray, float]]:
@@ -106,22 +106,3 @@ def check_lora_forward(fn: Callable[..., Any]) -> CheckResult:
                    lambda: fn(x.clone(), W, A, B, alpha, r), expected, 1e-5,
                    "y = x @ W.T + (alpha / r) * (x @ A.T) @ B.T: A is (r, in) and B is (out, r); the "
                    "usual slips are a missing alpha / r scale or a transpose")
-
-
-def check_rppd_straight_quadratic(answer: Any) -> CheckResult:
-    """rPPD (IMPUS's equation) of a straight path of K uniform frames under a distance that is
-    quadratic in the step, d(x_j, x_k) = c |a_j - a_k|^2: every step is c/(K-1)^2, the end
-    distance c, so rPPD = 1/(K-1)^2.
-
-    ``answer`` is either a function of K, checked at K = 2, 3, 5, 10, 17, or a number, checked
-    as the value at K = 10 (1/81 = 0.0123, absolute tolerance 1e-4). For a function the error is
-    the largest relative difference (tolerance 1e-6).
-    """
-    hint = ("under a quadratic distance each of the K-1 steps is (1/(K-1))^2 of the end distance; "
-            "1/(K-1) is what a distance that adds up along the line gives")
-    if callable(answer):
-        Ks = [2, 3, 5, 10, 17]
-        expected = [1 / (K - 1) ** 2 for K in Ks]
-        return compare(f"rPPD of a straight path, quadratic distance, K = {Ks}",
-                       lambda: [float(answer(K)) / e for K, e in zip(Ks, expected)], [1.0] * len(Ks), 1e-6, hint)
-    return check_value("rPPD of a straight path of 10 frames, quadratic distance", answer, 1 / 81, 1e-4, hint)

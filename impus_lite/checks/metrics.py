@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .base import CheckResult, compare
+from .base import CheckResult, check_value, compare
 
 __all__ = ["check_ppl", "check_rppd_straight", "check_knn_precision", "check_dissolve_distance",
            "check_adain"]
@@ -60,15 +60,21 @@ def check_ppl(ppl: Callable) -> CheckResult:
                         "mean, and not the distances of every frame to the first")
 
 
-def check_rppd_straight(rppd_straight: Callable) -> CheckResult:
+def check_rppd_straight(rppd_straight) -> CheckResult:
     """``rppd_straight(K) -> float``: rPPD of a straight path of K uniform frames measured with a
     squared distance (close to LPIPS for small steps), from the IMPUS paper's equation
 
-        rPPD = sum_{k=0}^{K-2} d(x_k, x_{k+1}) / ((K-1) d(x_0, x_{K-1})).
+        rPPD = sum_{k=0}^{K-2} d(x_k, x_{k+1}) / ((K-1) d(x_0, x_{K-1})) = 1 / (K-1)^2.
 
-    Checked for K = 3, 5, 10, 17 against :func:`impus_lite.perceptual.rppd` measured on the
-    cross-dissolve of two seeded 3x8x8 images with the mean squared difference as d.
+    A function is checked for K = 3, 5, 10, 17 against :func:`impus_lite.perceptual.rppd`
+    measured on the cross-dissolve of two seeded 3x8x8 images with the mean squared difference as
+    d. A number is checked as the value at K = 10 (1/81 = 0.0123, absolute tolerance 1e-4).
     """
+    hint = ("under a squared distance each of the K-1 steps is d/(K-1)^2, so the sum is d/(K-1) and "
+            "rPPD divides by (K-1) d once more; 1/(K-1) is the answer for a distance whose steps add up")
+    if not callable(rppd_straight):
+        return check_value("rPPD of a straight path of 10 frames, squared distance", rppd_straight,
+                           1 / 81, 1e-4, hint)
     from ..interp import lerp
     from ..perceptual import consecutive_distances, rppd
 
@@ -80,10 +86,7 @@ def check_rppd_straight(rppd_straight: Callable) -> CheckResult:
         path = lerp(x0, x1, np.linspace(0, 1, k))[:, 0]
         expected.append(rppd(consecutive_distances(path, _mse), float(_mse(x0, x1)[0])))
     return compare("rPPD of a straight path, squared distance, K = 3, 5, 10, 17",
-                   lambda: [_scalar(rppd_straight(k)) for k in counts], expected, 1e-9,
-                   hint="under a squared distance each of the K-1 steps is d/(K-1)^2, so the sum is "
-                        "d/(K-1) and rPPD divides by (K-1) d once more; 1/(K-1) is the answer for "
-                        "a distance whose steps add up")
+                   lambda: [_scalar(rppd_straight(k)) for k in counts], expected, 1e-9, hint=hint)
 
 
 def check_knn_precision(knn_precision: Callable) -> CheckResult:
