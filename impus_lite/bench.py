@@ -14,7 +14,6 @@ architecture on a CPU.
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -23,27 +22,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .config import MorphConfig
-from .runtime import peak_memory_mb, reset_peak_memory
+from .runtime import machine_description, peak_memory_mb, reset_peak_memory
 
 STAGE_ORDER = ("encode", "text", "inversion", "rppd", "lora", "reinversion", "endpoints", "ranking",
                "frames")
-
-
-def machine_description(device: torch.device) -> str:
-    """One line naming the machine: GPU name and memory, or CPU model and core count."""
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), torch {torch.__version__}"
-    import os
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 class SavedActivations:

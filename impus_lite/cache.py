@@ -84,6 +84,35 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
     return path
 
 
+def cached_result(folder: Union[str, Path, None], key: str, compute, device=None):
+    """A whole morph from ``<folder>/result-<key[:24]>.pt``, or ``compute()`` stored there.
+
+    ``key``: a :func:`stage_key` of everything the result depends on (see
+    :func:`impus_lite.methods.result_key`). A loaded :class:`~impus_lite.result.MorphResult`
+    has ``loaded`` set and keeps what the run that computed it recorded: its stats (seconds and
+    UNet evaluations per stage), threads and a note naming that run's machine and date, so
+    cost tables read the same whether a result was computed or loaded. ``folder=None``: always
+    ``compute()``. ``device``: where it runs (named in the stored note; default the CPU).
+    """
+    from datetime import date
+
+    from .result import MorphResult
+    from .runtime import machine_description
+
+    cache = StageCache(folder)
+    state = cache.load("result", key)
+    if state is not None:
+        result = MorphResult.from_state(state)
+        result.notes.append(f"loaded whole from the result cache: computed on {state['machine']}, "
+                            f"{state['date']}; its seconds and stage costs are that run's")
+        return result
+    result = compute()
+    if folder is not None:
+        cache.save("result", key, {**result.to_state(), "machine": machine_description(torch.device(device or "cpu")),
+                                   "date": date.today().isoformat()})
+    return result
+
+
 #: Where the lessons' shipped stage outputs live: ``data/stage_caches/<lesson>/``.
 LESSON_CACHE_DIR = Path(__file__).resolve().parent.parent / "data" / "stage_caches"
 #: Environment variable: "1" makes :func:`lesson_cache` write into the shipped folder itself
@@ -131,13 +160,16 @@ def cache_report(sources) -> str:
 
     ``sources``: :class:`StageCache` objects (``[morpher.cache for morpher in ...]``: every
     lookup, by stage) and/or results with ``stats`` (:class:`impus_lite.MorphResult`: each stage
-    counted once, loaded when its ``cached`` flag is set).
+    counted once, loaded when its ``cached`` flag is set; a result loaded whole counts as one
+    "result").
     """
     hits: dict = {}
     misses: dict = {}
     for source in sources:
         if hasattr(source, "hits"):
             loaded, computed = source.hits, source.misses
+        elif getattr(source, "loaded", False):
+            loaded, computed = ["result"], []
         else:
             loaded = [stage for stage, stats in source.stats.items() if stats.cached]
             computed = [stage for stage, stats in source.stats.items() if not stats.cached]

@@ -26,7 +26,8 @@ from .result import MorphResult
 
 def morph(model: DiffusionModel, image0: ImageLike, image1: ImageLike, prompt: str,
           config: Optional[MorphConfig] = None, cache_dir: Union[str, Path, None] = None,
-          lpips: Optional[Lpips] = None, progress: bool = True) -> MorphResult:
+          lpips: Optional[Lpips] = None, progress: bool = True,
+          results_dir: Union[str, Path, None, bool] = True) -> MorphResult:
     """Morph ``image0`` into ``image1`` with ``config.method`` (default: the "fast" preset's
     "impus", every stage of :class:`impus_lite.morph.Morpher`).
 
@@ -36,12 +37,15 @@ def morph(model: DiffusionModel, image0: ImageLike, image1: ImageLike, prompt: s
         prompt: what the two images share, e.g. "a photo of an animal".
         config: a :class:`MorphConfig`; None = ``MorphConfig.preset("fast")``.
         cache_dir: folder for stage outputs (None: no cache).
+        results_dir: folder for whole results (True: ``cache_dir``; None: none): a morph whose
+            images, prompt, config, model and LPIPS match a stored one loads it, with the costs
+            its own run recorded (:func:`impus_lite.cache.cached_result`).
         lpips: the distance the alpha schedule measures (default: LPIPS-Alex, [-1, 1]).
     Returns:
         A :class:`MorphResult`: frames (K images), alphas (K floats from 0 to 1), distances
         (K - 1), cost per stage.
     """
-    return run_method(model, image0, image1, prompt, config, cache_dir, lpips, progress)
+    return run_method(model, image0, image1, prompt, config, cache_dir, lpips, progress, results_dir)
 
 
 __all__ = ["morph"]

@@ -88,7 +88,7 @@ def format_concurrent(report: dict) -> str:
     """The report as a table: N, wall time, N x one morph, slowdown, stage seconds per morph."""
     import torch
 
-    from .bench import machine_description
+    from .runtime import machine_description
 
     lines = [f"machine: {machine_description(torch.device('cpu'))}", f"OMP_WAIT_POLICY for the morphs: {report['wait_policy']}; "
              f"threads per morph: {report['runs'][0]['threads']['torch_threads']} "

@@ -17,6 +17,7 @@ its seconds and UNet evaluations.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -84,6 +85,8 @@ class Morpher:
         self.notes: list[str] = []
         self._values: dict[str, object] = {}
         self._adapter_states: dict[str, tuple[int, dict]] = {}
+        #: What the frames :meth:`render` returned cost to sample (seconds, UNet evaluations).
+        self.render_cost = StageStats()
         model.remove_adapters()
         wanted = model.dtype if c.precision is None else pick_dtype(model.device, c.precision)
         if wanted != model.dtype:
@@ -110,6 +113,12 @@ class Morpher:
         inversion = [stage_key("inversion", text=t, steps=c.inversion_steps, spacing=c.timestep_spacing)
                      for t in text]
         return {"text": text, "inversion": inversion}
+
+    def _uncond_lora_key(self) -> str:
+        """Key of the unconditional adapter: both images' text keys, its rank and training."""
+        c = self.config
+        return stage_key("uncond_lora", text=self._keys()["text"], rank=c.uncond_lora_rank,
+                         steps=c.uncond_lora_steps, lr=c.uncond_lora_lr, seed=c.seed, init=c.lora_init)
 
     def _lora_key(self) -> str:
         """Key of the conditional adapter: both images' text keys, the rank and its training."""
@@ -204,7 +213,7 @@ class Morpher:
             codes = self.base_codes() if cached is None else None
             with self._stage("rppd") as stats:
                 if cached is None:
-                    probe = rppd_probe(lambda a, w: self.render(a, adapted=False, guidances=w), self.lpips,
+                    probe = rppd_probe(lambda a, w: self._render(a, adapted=False, guidances=w), self.lpips,
                                        c.rppd_frames, c.rppd_probe, c.min_guidance, c.max_guidance)
                     cached = {"rppd": torch.tensor(probe.value),
                               "outlier": torch.tensor(is_outlier_pair(codes[0], codes[1]))}
@@ -244,19 +253,15 @@ class Morpher:
             c, rank = self.config, self.rank()
             self.latents()  # earlier stages run before this stage's clock starts
             embeddings = self.embeddings()
-            keys = self._keys()["text"]
             cond = uncond = None
             with self._stage("lora") as stats:
                 if rank > 0:
                     cond = self._adapter(COND_ADAPTER, self._lora_key(), rank, c.lora_steps, c.lora_lr,
                                          [embeddings[0:1], embeddings[1:2]], stats)
                 if c.uncond_lora_rank > 0:
-                    key = stage_key("uncond_lora", text=keys, rank=c.uncond_lora_rank,
-                                    steps=c.uncond_lora_steps, lr=c.uncond_lora_lr, seed=c.seed,
-                                    init=c.lora_init)
                     empty = self.uncond_embedding()
-                    uncond = self._adapter(UNCOND_ADAPTER, key, c.uncond_lora_rank, c.uncond_lora_steps,
-                                           c.uncond_lora_lr, [empty, empty], stats)
+                    uncond = self._adapter(UNCOND_ADAPTER, self._uncond_lora_key(), c.uncond_lora_rank,
+                                           c.uncond_lora_steps, c.uncond_lora_lr, [empty, empty], stats)
             self.model.adapter_owner = self
             return cond, (uncond if uncond is not None else cond)
         names = self._once("adapters", compute)
@@ -284,6 +289,10 @@ class Morpher:
         return name
 
     # ---- stage 7 ---------------------------------------------------------------------------
+    def _reinversion_keys(self) -> list[str]:
+        return [stage_key("reinversion", lora=self._lora_key(), image=i, steps=self.config.inversion_steps,
+                          spacing=self.config.timestep_spacing) for i in range(2)]
+
     def codes(self) -> torch.Tensor:
         """Stage 7: the codes (2, 4, h, w) that frames start from (re-inverted with the
         conditional adapter; the base codes when there is no adapter)."""
@@ -291,9 +300,7 @@ class Morpher:
             cond, _ = self.adapters()
             if cond is None:
                 return self.base_codes()
-            keys = [stage_key("reinversion", lora=self._lora_key(), image=i, steps=self.config.inversion_steps,
-                              spacing=self.config.timestep_spacing) for i in range(2)]
-            return self._invert("reinversion", keys, cond)
+            return self._invert("reinversion", self._reinversion_keys(), cond)
         return self._once("codes", compute)
 
     # ---- stage 8 ---------------------------------------------------------------------------
@@ -305,7 +312,29 @@ class Morpher:
         ``config.guidance(a)`` (or ``guidances``, one per alpha), ``config.sample_steps`` DDIM
         steps on ``config.timestep_spacing``'s grid, in batches of ``config.batch_size``.
         ``adapted=False`` uses the un-adapted model and base codes (the rPPD probe).
+
+        With a cache folder, each frame's sampled latent is kept (stage "frame", keyed by the
+        codes, adapters and embeddings it comes from, its alpha, guidance and the sampling
+        settings): a frame sampled before is decoded again instead of sampled.
+        :attr:`render_cost` adds up what the returned frames cost to sample, a loaded frame at
+        the cost recorded when it was sampled. The stages of :meth:`run` sample every frame
+        (no frame cache), so a morph's stats count all it renders.
         """
+        return self._render(alphas, adapted, guidances, use_cache=True)
+
+    def _frame_keys(self, alphas: Sequence[float], adapted: bool, guidances: Sequence[float]) -> list[str]:
+        c = self.config
+        if adapted and self.adapters()[0] is not None:
+            codes = self._reinversion_keys()
+        else:
+            codes = self._keys()["inversion"]
+        uncond = self._uncond_lora_key() if adapted and c.uncond_lora_rank > 0 else None
+        return [stage_key("frame", codes=codes, uncond_lora=uncond, text=self._keys()["text"], adapted=adapted,
+                          alpha=float(a), guidance=float(w), steps=c.sample_steps, spacing=c.timestep_spacing)
+                for a, w in zip(alphas, guidances)]
+
+    def _render(self, alphas: Sequence[float], adapted: bool = True,
+                guidances: Optional[Sequence[float]] = None, use_cache: bool = False) -> torch.Tensor:
         embeddings = self.embeddings()
         if adapted:
             cond_adapter, uncond_adapter = self.adapters()
@@ -314,18 +343,36 @@ class Morpher:
             cond_adapter = uncond_adapter = None
             codes = self.base_codes()
         uncond = self.uncond_embedding()
+        alphas = [float(a) for a in alphas]
         if guidances is None:
-            guidances = [self.config.guidance(float(a)) for a in alphas]
+            guidances = [self.config.guidance(a) for a in alphas]
+        guidances = [float(w) for w in guidances]
+        public, use_cache = use_cache, use_cache and self.cache.folder is not None
+        keys = self._frame_keys(alphas, adapted, guidances) if use_cache else [None] * len(alphas)
         out = []
         for start in range(0, len(alphas), self.config.batch_size):
-            chunk = [float(a) for a in alphas[start:start + self.config.batch_size]]
-            k = len(chunk)
-            cond = lerp(embeddings[0:1], embeddings[1:2], chunk).reshape(k, *embeddings.shape[1:])
-            start_codes = slerp(codes[0:1], codes[1:2], chunk).reshape(k, *codes.shape[1:])
-            guidance = torch.tensor([float(w) for w in guidances[start:start + k]])
-            latents = ddim_sample(self.model, start_codes, cond, uncond, guidance, self.config.sample_steps,
-                                  cond_adapter, uncond_adapter, progress=False,
-                                  timestep_spacing=self.config.timestep_spacing)
+            stop = min(start + self.config.batch_size, len(alphas))
+            found = {i: self.cache.load("frame", keys[i]) for i in range(start, stop)} if use_cache else {}
+            missing = [i for i in range(start, stop) if found.get(i) is None]
+            if missing:
+                chunk = [alphas[i] for i in missing]
+                k = len(chunk)
+                cond = lerp(embeddings[0:1], embeddings[1:2], chunk).reshape(k, *embeddings.shape[1:])
+                start_codes = slerp(codes[0:1], codes[1:2], chunk).reshape(k, *codes.shape[1:])
+                guidance = torch.tensor([guidances[i] for i in missing])
+                evals, clock = self.model.unet_evals, time.perf_counter()
+                latents = ddim_sample(self.model, start_codes, cond, uncond, guidance, self.config.sample_steps,
+                                      cond_adapter, uncond_adapter, progress=False,
+                                      timestep_spacing=self.config.timestep_spacing)
+                share = torch.tensor([time.perf_counter() - clock, self.model.unet_evals - evals]) / k
+                for j, i in enumerate(missing):
+                    found[i] = {"latent": latents[j:j + 1].cpu(), "cost": share}
+                    if use_cache:
+                        self.cache.save("frame", keys[i], found[i])
+            latents = torch.cat([found[i]["latent"] for i in range(start, stop)]).to(self.model.device)
+            for i in range(start, stop if public else start):
+                self.render_cost.seconds += float(found[i]["cost"][0])
+                self.render_cost.unet_evals += round(float(found[i]["cost"][1]))
             out.append(self.model.decode(latents).cpu())
         return torch.cat(out)
 
@@ -344,7 +391,7 @@ class Morpher:
         if bar is None:
             bar = tqdm(desc="frames rendered", unit="frame", disable=not self.progress, leave=False)
             self._values["frame_bar"] = bar
-        frames = self.render(alphas)
+        frames = self._render(alphas)
         bar.update(len(alphas))
         return frames
 

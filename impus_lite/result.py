@@ -46,6 +46,9 @@ class MorphResult:
             (:func:`impus_lite.threads.thread_report`, taken when the result is made).
         label: how tables name the morph when the method's name alone would mislead, e.g.
             "impus (reschedule)" or "aid (inverted codes)"; empty: ``config.method``.
+        loaded: True when the whole result came from a result cache
+            (:func:`impus_lite.cache.cached_result`): its stats, threads and seconds are those of
+            the run that computed it, its images that run's frames rounded to 8 bits.
     """
 
     frames: list
@@ -65,6 +68,7 @@ class MorphResult:
     notes: list[str] = field(default_factory=list)
     label: str = ""
     threads: dict = field(default_factory=dict)
+    loaded: bool = False
 
     def __post_init__(self):
         if not self.threads:
@@ -98,8 +102,34 @@ class MorphResult:
                         "smoothness": smoothness(self.distances)},
             "unet_evals": self.unet_evals, "seconds": round(self.seconds, 3),
             "stages": {k: vars(v) for k, v in self.stats.items()}, "notes": self.notes,
-            "threads": self.threads,
+            "threads": self.threads, "loaded_from_result_cache": self.loaded,
         }
+
+    def to_state(self) -> dict:
+        """What :meth:`from_state` needs: the frames as a uint8 tensor (K, 3, S, S) in [0, 255]
+        (what a saved morph holds) and every other field as one JSON string; loadable with
+        ``torch.load(..., weights_only=True)``."""
+        import json
+        fields = {"alphas": self.alphas, "distances": self.distances, "config": self.config.to_dict(),
+                  "prompt": self.prompt, "model_name": self.model_name, "lpips_trunk": self.lpips_trunk,
+                  "lora_rank": self.lora_rank, "rppd": self.rppd, "outlier": self.outlier,
+                  "step": self.step, "end_errors": self.end_errors, "notes": self.notes,
+                  "label": self.label, "threads": self.threads,
+                  "stats": {name: vars(stats) for name, stats in self.stats.items()}}
+        pixels = ((self.images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return {"pixels": pixels, "fields": json.dumps(fields)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "MorphResult":
+        """The result :meth:`to_state` stored, with ``loaded`` set; images back in [-1, 1]."""
+        import json
+        from .images import tensor_to_pil
+        fields = json.loads(state["fields"])
+        images = state["pixels"].float() / 127.5 - 1
+        stats = {name: StageStats(**values) for name, values in fields.pop("stats").items()}
+        config = MorphConfig(**fields.pop("config"))
+        return cls(frames=tensor_to_pil(images), images=images, config=config, stats=stats, loaded=True,
+                   **fields)
 
     def save(self, path: Union[str, Path], fps: float = 8.0) -> Path:
         """Save by extension: .gif / .mp4 (animation), .png (strip), .json (summary)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import resource
 import sys
 from pathlib import Path
@@ -90,6 +91,22 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def machine_description(device: torch.device) -> str:
+    """One line naming the machine: GPU name and memory, or CPU model and core count."""
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -7,8 +7,9 @@ from impus_lite.config import PRESETS
 from impus_lite.errors import InputError
 
 
-def run(model, pair, config, lpips, cache_dir=None):
-    return morph(model, pair[0], pair[1], "a photo", config, cache_dir=cache_dir, lpips=lpips, progress=False)
+def run(model, pair, config, lpips, cache_dir=None, results_dir=True):
+    return morph(model, pair[0], pair[1], "a photo", config, cache_dir=cache_dir, lpips=lpips, progress=False,
+                 results_dir=results_dir)
 
 
 def test_morph_gives_the_frames_asked_for(tiny_model, image_pair, lpips_random):
@@ -32,9 +33,9 @@ def test_same_seed_same_frames(tiny_model, image_pair, lpips_random):
 
 def test_cache_is_hit_on_rerun_and_missed_when_an_image_changes(tiny_model, image_pair, lpips_random, tmp_path):
     cache = tmp_path / "cache"
-    first = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, cache)
+    first = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, cache, results_dir=None)
     assert not any(s.cached for s in first.stats.values())
-    again = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, cache)
+    again = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, cache, results_dir=None)
     for stage in ("text", "rppd", "lora", "reinversion"):
         assert again.stats[stage].cached and again.stats[stage].unet_evals == 0, stage
     assert "inversion" not in again.stats  # only the rPPD probe needs the base codes, and it is cached
@@ -42,22 +43,24 @@ def test_cache_is_hit_on_rerun_and_missed_when_an_image_changes(tiny_model, imag
     assert torch.allclose(again.images, first.images, atol=1e-5)
 
     # Other sampling settings: training stages still come from the cache.
-    resampled = run(tiny_model, image_pair, TINY_CONFIG.replace(max_guidance=5.0), lpips_random, cache)
+    resampled = run(tiny_model, image_pair, TINY_CONFIG.replace(max_guidance=5.0), lpips_random, cache, results_dir=None)
     assert resampled.stats["text"].cached and resampled.stats["lora"].cached
     assert not torch.allclose(resampled.images, first.images, atol=1e-4)
 
     # Another DDIM grid: the codes are inverted again, the embeddings are reused.
-    regridded = run(tiny_model, image_pair, TINY_CONFIG.replace(timestep_spacing="leading"), lpips_random, cache)
+    regridded = run(tiny_model, image_pair, TINY_CONFIG.replace(timestep_spacing="leading"), lpips_random, cache,
+                    results_dir=None)
     assert regridded.stats["text"].cached
     assert not regridded.stats["inversion"].cached and not regridded.stats["reinversion"].cached
     # Another LoRA start: both adapters are trained again.
-    restarted = run(tiny_model, image_pair, TINY_CONFIG.replace(lora_init="kaiming"), lpips_random, cache)
+    restarted = run(tiny_model, image_pair, TINY_CONFIG.replace(lora_init="kaiming"), lpips_random, cache,
+                    results_dir=None)
     assert restarted.stats["rppd"].cached and not restarted.stats["lora"].cached
     assert restarted.stats["lora"].unet_evals == first.stats["lora"].unet_evals
 
     # Same file name, new content: nothing stale is reused.
     smooth_image(9, (40, 48)).save(image_pair[0])
-    changed = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, cache)
+    changed = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, cache, results_dir=None)
     assert not changed.stats["lora"].cached and not changed.stats["reinversion"].cached
     assert changed.stats["text"].unet_evals == 3  # image 1's embedding is reused, image 0's is not
     assert not any(p.suffix == ".tmp" for p in cache.iterdir())
@@ -95,6 +98,58 @@ BASES = {
 def _signature(result):
     return (result.images, result.alphas, result.unet_evals,
             sum(s.unet_calls for s in result.stats.values()))
+
+
+def test_a_whole_result_is_stored_and_loaded_with_the_costs_of_the_run_that_made_it(
+        tiny_model, image_pair, lpips_random, tmp_path):
+    from impus_lite.cache import cache_report
+    first = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, tmp_path)
+    assert not first.loaded and len(list(tmp_path.glob("result-*.pt"))) == 1
+    evals = tiny_model.unet_evals
+    again = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, tmp_path)
+    assert again.loaded and tiny_model.unet_evals == evals          # nothing ran
+    assert (again.images - first.images).abs().max() <= 1 / 127.5   # frames kept at 8 bits
+    assert [f.tobytes() for f in again.frames] == [f.tobytes() for f in first.frames]
+    assert again.alphas == first.alphas and again.distances == first.distances
+    assert again.unet_evals == first.unet_evals > 0 and again.seconds == pytest.approx(first.seconds)
+    assert {k: vars(v) for k, v in again.stats.items()} == {k: vars(v) for k, v in first.stats.items()}
+    assert (again.config, again.lora_rank, again.rppd, again.end_errors, again.label) == \
+        (first.config, first.lora_rank, first.rppd, first.end_errors, first.label)
+    assert "loaded whole from the result cache" in again.notes[-1] and "CPU" in again.notes[-1]
+    assert again.summary()["loaded_from_result_cache"] is True
+    assert cache_report([again]) == "Loaded from the stage cache: result x1. Computed: nothing."
+    # Any field of the config, or another method, is another result; no results_dir: none kept.
+    other = run(tiny_model, image_pair, TINY_CONFIG.replace(max_guidance=5.0), lpips_random, tmp_path)
+    assert not other.loaded and len(list(tmp_path.glob("result-*.pt"))) == 2
+    slerp = run(tiny_model, image_pair, TINY_CONFIG.replace(method="slerp"), lpips_random, tmp_path)
+    assert not slerp.loaded
+    fresh = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, tmp_path / "stages", results_dir=None)
+    assert not fresh.loaded and not list((tmp_path / "stages").glob("result-*.pt"))
+
+
+def test_rendered_frames_are_kept_and_count_at_the_cost_they_were_sampled(tiny_model, image_pair, lpips_random,
+                                                                          tmp_path):
+    make = lambda: Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG, cache_dir=tmp_path,  # noqa: E731
+                           lpips=lpips_random, progress=False)
+    first = make()
+    first.codes()
+    frames = first.render([0.0, 0.3, 0.6, 1.0])
+    per_frame = 2 * TINY_CONFIG.sample_steps            # two guidance branches per step
+    assert first.render_cost.unet_evals == 4 * per_frame and first.render_cost.seconds > 0
+    assert len(list(tmp_path.glob("frame-*.pt"))) == 4
+    second = make()
+    second.codes()
+    evals = tiny_model.unet_evals
+    again = second.render([0.3, 0.45, 1.0])            # two kept, one new
+    assert tiny_model.unet_evals - evals == per_frame
+    assert second.render_cost.unet_evals == 3 * per_frame   # loaded frames at their recorded cost
+    assert torch.allclose(again[[0, 2]], frames[[1, 3]], atol=1e-5)
+    # Other guidance: other frames; the morph's own frames stage never reads the frame cache.
+    other = second.render([0.3], guidances=[7.0])
+    assert not torch.allclose(other, frames[1:2], atol=1e-3)
+    evals = tiny_model.unet_evals
+    result = second.run()
+    assert result.stats["frames"].unet_evals == tiny_model.unet_evals - evals > 0
 
 
 def test_every_config_field_is_covered():

@@ -34,12 +34,44 @@ def method_module(name: str):
     return importlib.import_module(f"{__name__}.{_MODULES[name]}")
 
 
+def result_key(model, image0, image1, prompt: str, config: MorphConfig, lpips=None) -> str:
+    """Content key of a whole morph: both images as the method reads them (cropped or resized
+    to its size), the prompt, every config field (``method_options`` included), the model's
+    fingerprint and the dtype it will run in, and the LPIPS trunk that places the frames."""
+    from ..cache import stage_key
+    from ..images import load_image, tensor_digest
+    from ..models import pick_dtype
+
+    size = config.size or model.resolution
+    digests = [tensor_digest(load_image(image, size, config.resize_mode, config.resample))
+               for image in (image0, image1)]
+    dtype = model.dtype if config.precision is None else pick_dtype(model.device, config.precision)
+    return stage_key("result", images=digests, prompt=prompt, config=config.to_dict(),
+                     model=model.fingerprint, dtype=str(dtype),
+                     lpips=getattr(lpips, "trunk", None) or "default")
+
+
 def run_method(model, image0, image1, prompt: str, config: Optional[MorphConfig] = None,
-               cache_dir: Union[str, Path, None] = None, lpips=None, progress: bool = True):
-    """Morph ``image0`` into ``image1`` with ``config.method``; returns a MorphResult."""
+               cache_dir: Union[str, Path, None] = None, lpips=None, progress: bool = True,
+               results_dir: Union[str, Path, None, bool] = True):
+    """Morph ``image0`` into ``image1`` with ``config.method``; returns a MorphResult.
+
+    ``cache_dir`` keeps each stage's output; ``results_dir`` keeps whole results
+    (:func:`impus_lite.cache.cached_result`): True (default) = ``cache_dir``, None = never.
+    A morph whose images, prompt, config, model and LPIPS all match a stored one loads it.
+    """
+    from ..cache import cached_result
+
     config = config or MorphConfig.preset("fast")
-    return method_module(config.method).run(model, image0, image1, prompt, config, cache_dir,
-                                            lpips, progress)
+    module = method_module(config.method)
+
+    def compute():
+        return module.run(model, image0, image1, prompt, config, cache_dir, lpips, progress)
+
+    folder = cache_dir if results_dir is True else (results_dir or None)
+    if folder is None:
+        return compute()
+    return cached_result(folder, result_key(model, image0, image1, prompt, config, lpips), compute, model.device)
 
 
-__all__ = ["METHODS", "method_module", "run_method"]
+__all__ = ["METHODS", "method_module", "result_key", "run_method"]
