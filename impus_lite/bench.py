@@ -120,8 +120,12 @@ def _stage_rank(stage: str) -> int:
 
 def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], frames: int,
                   overrides: Optional[dict] = None, progress: bool = True,
-                  methods: Sequence[str] = ("impus",)) -> dict:
-    """Run ``morph`` once per preset (no cache) with ``frames`` frames; return per-stage costs.
+                  methods: Sequence[str] = ("impus",), results_dir=None) -> dict:
+    """Run ``morph`` once per preset (no stage cache) with ``frames`` frames; return per-stage costs.
+
+    ``results_dir``: a folder of whole results (:func:`impus_lite.cache.cached_result`): a run
+    stored there loads with the costs it recorded, and ``machine`` names where they were
+    measured; a run not stored is measured here and stored. None (default): measure every run.
 
     ``methods``: IMPUS runs once per preset (columns named by the preset); every other method
     of :mod:`impus_lite.methods` runs once on the first preset with its own settings (columns
@@ -144,13 +148,17 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
     for name, preset, method in runs:
         config = MorphConfig.preset(preset, frames=frames, method=method, **(overrides or {}))
         reset_peak_memory(model.device)
-        result = morph(model, image0, image1, prompt, config, lpips=lpips, progress=progress)
+        result = morph(model, image0, image1, prompt, config, lpips=lpips, progress=progress,
+                       results_dir=results_dir)
+        if result.loaded:
+            report["machine"] = f"{result.computed_on} (recorded in {results_dir})"
         d = result.distances
         report["presets"][name] = {
             "stages": {k: {"seconds": round(v.seconds, 3), "unet_evals": v.unet_evals}
                        for k, v in sorted(result.stats.items(), key=lambda kv: _stage_rank(kv[0]))},
             "total_unet_evals": result.unet_evals, "total_seconds": round(result.seconds, 3),
-            "peak_memory_mb": round(peak_memory_mb(model.device), 1), "frames": len(result.frames),
+            "peak_memory_mb": round(max(s.peak_memory_mb for s in result.stats.values()) if result.loaded
+                                    else peak_memory_mb(model.device), 1), "frames": len(result.frames),
             "pdv": pdv(d), "ppl_path_sum": ppl_path_sum(d), "smoothness": smoothness(d),
             "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk,
             "end_errors": result.end_errors, **end_metrics(result.end_errors),

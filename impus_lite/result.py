@@ -49,6 +49,8 @@ class MorphResult:
         loaded: True when the whole result came from a result cache
             (:func:`impus_lite.cache.cached_result`): its stats, threads and seconds are those of
             the run that computed it, its images that run's frames rounded to 8 bits.
+        computed_on: for a loaded result, the machine that computed it
+            (:func:`impus_lite.runtime.machine_description`); empty for one computed here.
     """
 
     frames: list
@@ -69,6 +71,7 @@ class MorphResult:
     label: str = ""
     threads: dict = field(default_factory=dict)
     loaded: bool = False
+    computed_on: str = ""
 
     def __post_init__(self):
         if not self.threads:
@@ -103,6 +106,7 @@ class MorphResult:
             "unet_evals": self.unet_evals, "seconds": round(self.seconds, 3),
             "stages": {k: vars(v) for k, v in self.stats.items()}, "notes": self.notes,
             "threads": self.threads, "loaded_from_result_cache": self.loaded,
+            "computed_on": self.computed_on,
         }
 
     def to_state(self) -> dict:
@@ -129,7 +133,7 @@ class MorphResult:
         stats = {name: StageStats(**values) for name, values in fields.pop("stats").items()}
         config = MorphConfig(**fields.pop("config"))
         return cls(frames=tensor_to_pil(images), images=images, config=config, stats=stats, loaded=True,
-                   **fields)
+                   computed_on=state.get("machine", ""), **fields)
 
     def save(self, path: Union[str, Path], fps: float = 8.0) -> Path:
         """Save by extension: .gif / .mp4 (animation), .png (strip), .json (summary)."""

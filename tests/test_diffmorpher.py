@@ -33,10 +33,11 @@ FIXED = dict(alphas="schedule")
 CALLS = FEW["steps"] + 1
 
 
-def run(model, pair, lpips, cache_dir=None, **changes):
+def run(model, pair, lpips, cache_dir=None, results_dir=True, **changes):
     options = {**FEW, **changes.pop("options", {})}
     config = TINY_CONFIG.replace(method="diffmorpher", method_options=options, **changes)
-    return morph(model, pair[0], pair[1], "a photo", config, cache_dir=cache_dir, lpips=lpips, progress=False)
+    return morph(model, pair[0], pair[1], "a photo", config, cache_dir=cache_dir, lpips=lpips, progress=False,
+                 results_dir=results_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,13 +86,13 @@ def test_the_rescheduled_pass_is_always_kept(tiny_model, image_pair, lpips_rando
 
 
 def test_same_inputs_same_frames_and_the_cache_is_used(tiny_model, image_pair, lpips_random, tmp_path):
-    first = run(tiny_model, image_pair, lpips_random, tmp_path, schedule="uniform", frames=3)
-    again = run(tiny_model, image_pair, lpips_random, tmp_path, schedule="uniform", frames=3)
+    first = run(tiny_model, image_pair, lpips_random, tmp_path, None, schedule="uniform", frames=3)
+    again = run(tiny_model, image_pair, lpips_random, tmp_path, None, schedule="uniform", frames=3)
     assert again.stats["lora"].cached and again.stats["inversion"].cached
     assert again.stats["lora"].unet_evals == again.stats["inversion"].unet_evals == 0
     assert torch.allclose(first.images, again.images, atol=1e-5)
     # Another LoRA learning rate: adapters and codes are made again.
-    other = run(tiny_model, image_pair, lpips_random, tmp_path, schedule="uniform", frames=3,
+    other = run(tiny_model, image_pair, lpips_random, tmp_path, None, schedule="uniform", frames=3,
                 options=dict(lora_lr=1e-2))
     assert not other.stats["lora"].cached and not other.stats["inversion"].cached
 

@@ -121,6 +121,21 @@ def test_bench_counts_cost_per_stage_and_fast_is_cheaper(tiny_model, image_pair)
     assert paper["end_errors"]["vae_lpips_a"] >= 0 and fast["end_psnr"] > 0
 
 
+def test_bench_with_a_results_folder_measures_once_then_reads_what_was_measured(tiny_model, image_pair,
+                                                                                tmp_path):
+    small = dict(text_steps=2, inversion_steps=3, lora_steps=1, uncond_lora_steps=1, sample_steps=2,
+                 rppd_frames=2)
+    first = bench_presets(tiny_model, *image_pair, "a photo", ["fast"], 3, small, progress=False,
+                          results_dir=tmp_path)
+    assert "recorded in" not in first["machine"] and len(list(tmp_path.glob("result-*.pt"))) == 1
+    evals = tiny_model.unet_evals
+    again = bench_presets(tiny_model, *image_pair, "a photo", ["fast"], 3, small, progress=False,
+                          results_dir=tmp_path)
+    assert tiny_model.unet_evals == evals                 # nothing ran: the stored run's figures
+    assert again["presets"]["fast"]["stages"] == first["presets"]["fast"]["stages"]
+    assert again["machine"].startswith("CPU") and f"recorded in {tmp_path}" in again["machine"]
+
+
 def test_saved_activations_counts_what_autograd_keeps_until_backward():
     import torch
     x = torch.randn(1000, requires_grad=True)
