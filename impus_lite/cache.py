@@ -1,4 +1,5 @@
-"""A content-keyed cache of stage outputs (embeddings, adapters, inverted codes).
+"""A content-keyed cache of stage outputs (embeddings, adapters, inverted codes, rendered frames,
+whole results).
 
 A key is the SHA-256 of everything a stage's output depends on: the image contents (not their
 file names), the prompt, the model's fingerprint and the config fields the stage reads, chained
@@ -124,8 +125,9 @@ def lesson_cache(lesson: str, folder: Union[str, Path, None] = None) -> Path:
     """A stage-cache folder for a lesson, seeded with the stage outputs shipped for it.
 
     The shipped files (``data/stage_caches/<lesson>/*.pt``: text embeddings, adapters, inverted
-    codes of the bundled pairs, computed with the lesson's full-mode settings on the classroom
-    model) are copied into ``folder`` (default: a new temporary folder), so the lesson can write
+    codes of the bundled pairs, the frames its ``Morpher.render`` calls sampled and its whole
+    results, computed with the lesson's full-mode settings on the classroom model; subfolders
+    too, e.g. a ``bench`` folder of runs measured without a stage cache) are copied into ``folder`` (default: a new temporary folder), so the lesson can write
     beside them without touching the repository. Keys are content hashes
     (:func:`stage_key`), so a stage whose image, prompt, model or settings differ never loads a
     shipped file: it runs, as it would without them. Prints what was copied.
@@ -139,10 +141,12 @@ def lesson_cache(lesson: str, folder: Union[str, Path, None] = None) -> Path:
         return shipped
     target = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix=f"impus_lite_{lesson}_"))
     target.mkdir(parents=True, exist_ok=True)
-    files = sorted(shipped.glob("*.pt")) if shipped.is_dir() else []
+    files = sorted(shipped.rglob("*.pt")) if shipped.is_dir() else []
     counts: dict = {}
     for path in files:
-        shutil.copy2(path, target / path.name)
+        copy = target / path.relative_to(shipped)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, copy)
         stage = path.name.rsplit("-", 1)[0]
         counts[stage] = counts.get(stage, 0) + 1
     if files:

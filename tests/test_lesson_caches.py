@@ -44,7 +44,7 @@ def test_shipped_cache_files_are_the_ones_built_and_load_without_pickles():
         assert f'lesson_cache("{lesson}")' in code, (
             f"{entry['notebook']} does not use its shipped cache (lesson_cache(\"{lesson}\"))")
         folder = SHIPPED / lesson
-        on_disk = {p.name for p in folder.glob("*.pt")}
+        on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*.pt")}
         assert on_disk == set(entry["files"]), f"lesson {lesson}: files differ from the manifest"
         for name, facts in entry["files"].items():
             data = (folder / name).read_bytes()
@@ -61,13 +61,14 @@ def test_a_lesson_cache_seeds_a_fresh_folder_that_a_matching_morph_loads(
     assert built == tmp_path / "shipped" / "99"
     first = morph(tiny_model, *image_pair, "a photo", tiny_config, cache_dir=built, lpips=lpips, progress=False)
     assert not any(s.cached for s in first.stats.values())
-    shipped = sorted(p.name for p in built.glob("*.pt"))
-    assert shipped, "building wrote nothing into the shipped folder"
+    cache_module.StageCache(built / "bench").save("result", "0" * 64, {"x": torch.ones(1)})
+    shipped = sorted(p.relative_to(built).as_posix() for p in built.rglob("*.pt"))
+    assert len(shipped) > 1 and "bench/result-" + "0" * 24 + ".pt" in shipped
 
     monkeypatch.delenv(cache_module.LESSON_CACHE_BUILD_ENV)
     seeded = lesson_cache("99", tmp_path / "lecture")
     assert "copied" in capsys.readouterr().out
-    assert sorted(p.name for p in seeded.glob("*.pt")) == shipped
+    assert sorted(p.relative_to(seeded).as_posix() for p in seeded.rglob("*.pt")) == shipped
     again = morph(tiny_model, *image_pair, "a photo", tiny_config, cache_dir=seeded, lpips=lpips, progress=False)
     assert again.loaded and again.unet_evals == first.unet_evals > 0    # the whole morph, as built
     assert (again.images - first.images).abs().max() <= 1 / 127.5

@@ -6,7 +6,8 @@ Executes each lesson (``notebooks/<NN>_*.ipynb``) in full mode on this machine, 
 docs/prepare.py executes it for the site (nbclient, the inline backend, the hidden solutions
 run), with ``IMPUS_LITE_BUILD_LESSON_CACHES=1``: :func:`impus_lite.cache.lesson_cache` then hands
 the lesson the shipped folder itself, so every stage output it computes (text embeddings,
-adapters, inverted codes, rPPD probes of the bundled pairs, on the classroom model) lands there.
+adapters, inverted codes, rPPD probes of the bundled pairs, on the classroom model; the frames
+its ``Morpher.render`` calls sample; its whole results, with the costs they recorded) lands there.
 The folder is emptied first. The executed notebook is kept in build/executed-full (the site
 build reuses it). ``manifest.json`` records the classroom model's fingerprint (a retrained model
 makes every key miss: ``tests/test_lesson_caches.py`` fails until the caches are rebuilt), each
@@ -73,7 +74,7 @@ def build(lessons: list[str]) -> dict:
             raise SystemExit(f"no single notebook numbered {lesson} in notebooks/")
         folder = HERE / lesson
         folder.mkdir(exist_ok=True)
-        for old in folder.glob("*.pt"):
+        for old in folder.rglob("*.pt"):
             old.unlink()
         start = time.perf_counter()
         executed = prepare.execute(notebooks[0])
@@ -81,7 +82,8 @@ def build(lessons: list[str]) -> dict:
         out = ROOT / "build" / "executed-full"
         out.mkdir(parents=True, exist_ok=True)
         nbformat.write(executed, out / notebooks[0].name)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(folder.glob("*.pt"))}
+        files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                 for p in sorted(folder.rglob("*.pt"))}
         manifest["lessons"][lesson] = {"notebook": notebooks[0].name, "build_seconds": round(seconds, 1),
                                        "files": files}
         print(f"{lesson}: {len(files)} stage outputs, "
