@@ -19,6 +19,8 @@ for any step counts (:func:`grid_ends` says where each grid ends).
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional, Union
 
 import torch
@@ -28,8 +30,10 @@ from .models import DiffusionModel
 
 
 def _unet(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
-          adapter: Optional[str]) -> torch.Tensor:
-    with model.using_adapter(adapter):
+          adapter: Optional[str], switch: bool = True) -> torch.Tensor:
+    """The UNet's noise prediction (float32) with adapter ``adapter`` active (``switch=False``:
+    the adapters as they are, e.g. inside ``using_adapters_per_row``)."""
+    with model.using_adapter(adapter) if switch else contextlib.nullcontext():
         out = model.unet(latents.to(model.device, model.dtype), t,
                          encoder_hidden_states=embeddings.to(model.device, model.dtype)).sample
     return out.float()
@@ -80,8 +84,9 @@ def guidance_noise(model: DiffusionModel, z: torch.Tensor, t: torch.Tensor, cond
                    uncond_adapter: Optional[str]) -> torch.Tensor:
     """Guided noise prediction ``eps_u + w (eps_c - eps_u)`` for a batch.
 
-    When both branches use the same adapter they run as one batched UNet call of 2B latents;
-    when every ``w`` is 1 the unconditional branch is skipped.
+    Both branches run as one batched UNet call of 2B latents, each row through its branch's
+    adapter (:meth:`DiffusionModel.using_adapters_per_row` when the adapters differ); when every
+    ``w`` is 1 the unconditional branch is skipped.
 
     Args:
         z: (B, 4, h, w); cond: (B, L, D); uncond: (1 or B, L, D); guidance: (B,) float32.
@@ -92,10 +97,10 @@ def guidance_noise(model: DiffusionModel, z: torch.Tensor, t: torch.Tensor, cond
         return _unet(model, z, t, cond, cond_adapter)
     if cond_adapter == uncond_adapter:
         both = _unet(model, torch.cat([z, z]), t, torch.cat([cond, uncond]), cond_adapter)
-        eps_c, eps_u = both[:batch], both[batch:]
     else:
-        eps_c = _unet(model, z, t, cond, cond_adapter)
-        eps_u = _unet(model, z, t, uncond, uncond_adapter)
+        with model.using_adapters_per_row([cond_adapter] * batch + [uncond_adapter] * batch):
+            both = _unet(model, torch.cat([z, z]), t, torch.cat([cond, uncond]), None, switch=False)
+    eps_c, eps_u = both[:batch], both[batch:]
     w = guidance.to(eps_c.device).view(-1, 1, 1, 1)
     return eps_u + w * (eps_c - eps_u)
 

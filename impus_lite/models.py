@@ -438,6 +438,35 @@ class DiffusionModel:
             self._active_adapter = name or ""
         yield
 
+    @contextlib.contextmanager
+    def using_adapters_per_row(self, names: Sequence[Optional[str]]) -> Iterator[None]:
+        """Run the UNet with LoRA adapter ``names[i]`` on batch row ``i`` (None: no adapter), in one
+        call: peft's mixed-batch LoRA forward (inference only; the rows' base outputs are one
+        batched matmul, each adapter's low-rank term is added to its rows). Saves the per-call
+        adapter switch of :meth:`using_adapter`, which walks every layer.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        known = set(self.adapter_names())
+        missing = sorted({n for n in names if n is not None} - known)
+        if missing:
+            raise KeyError(f"No adapter named {missing} (have: {sorted(known)}).")
+        if self._active_adapter == "":       # adapters disabled: mixed batches need them enabled
+            self.unet.enable_adapters()
+            self._active_adapter = None
+        rows = ["__base__" if n is None else n for n in names]
+
+        def add_rows(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": rows}
+
+        handles = [module.register_forward_pre_hook(add_rows, with_kwargs=True)
+                   for module in self.unet.modules() if isinstance(module, LoraLayer)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def adapters_changed(self) -> None:
         """Call after adding or deleting adapters on ``unet`` directly: the active one is unknown."""
         self._active_adapter = None

@@ -188,7 +188,7 @@ class Morpher:
                                     progress=self.progress, desc=stage,
                                     timestep_spacing=self.config.timestep_spacing)
                 for i, code in zip(missing, codes):
-                    found[i] = {"code": code[None].cpu()}
+                    found[i] = {"code": code[None].cpu().clone()}
                     self.cache.save(stage, keys[i], found[i])
         return torch.cat([f["code"] for f in found]).to(self.model.device)
 
@@ -366,7 +366,7 @@ class Morpher:
                                       timestep_spacing=self.config.timestep_spacing)
                 share = torch.tensor([time.perf_counter() - clock, self.model.unet_evals - evals]) / k
                 for j, i in enumerate(missing):
-                    found[i] = {"latent": latents[j:j + 1].cpu(), "cost": share}
+                    found[i] = {"latent": latents[j:j + 1].cpu().clone(), "cost": share}  # clone: only its row is saved
                     if use_cache:
                         self.cache.save("frame", keys[i], found[i])
             latents = torch.cat([found[i]["latent"] for i in range(start, stop)]).to(self.model.device)

@@ -143,3 +143,37 @@ def test_lora_training_is_the_same_batched_or_one_image_at_a_time(tiny_model, mo
     assert np.allclose(losses, reference_losses, rtol=1e-5)
     assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(params, reference))
     assert any(p.abs().max() > 0 for p in params)
+
+
+def test_one_call_with_an_adapter_per_row_equals_one_call_per_adapter(tiny_model):
+    from impus_lite.inversion import _unet, guidance_noise
+    add_lora(tiny_model, "a", 4, seed=1)
+    add_lora(tiny_model, "b", 2, seed=2)
+    for name in ("a", "b"):     # B starts at zero: give both adapters an effect
+        for param in adapter_parameters(tiny_model, name):
+            param.data.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    side = tiny_model.resolution // tiny_model.vae_scale_factor
+    z = torch.randn(3, tiny_model.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    cond = encode_prompt(tiny_model, "a photo").expand(3, -1, -1)
+    t = torch.tensor(500)
+    rows = ["a", None, "b"]
+    with torch.no_grad():
+        alone = torch.cat([_unet(tiny_model, z[i:i + 1], t, cond[i:i + 1], name) for i, name in enumerate(rows)])
+        calls = tiny_model.unet_calls
+        with tiny_model.using_adapters_per_row(rows):
+            mixed = _unet(tiny_model, z, t, cond, None, switch=False)
+        assert tiny_model.unet_calls == calls + 1
+        assert torch.allclose(mixed, alone, atol=1e-5)
+        assert not torch.allclose(alone[0], alone[2], atol=1e-3)       # the adapters differ
+        # Guidance with a conditional and an unconditional adapter: one call, the same noise.
+        uncond = unconditional_embedding(tiny_model)
+        w = torch.tensor([1.5, 3.0, 7.5])
+        calls = tiny_model.unet_calls
+        guided = guidance_noise(tiny_model, z, t, cond, uncond, w, "a", "b")
+        assert tiny_model.unet_calls == calls + 1
+        eps_c = _unet(tiny_model, z, t, cond, "a")
+        eps_u = _unet(tiny_model, z, t, uncond.expand(3, -1, -1), "b")
+        assert torch.allclose(guided, eps_u + w.view(-1, 1, 1, 1) * (eps_c - eps_u), atol=1e-4)
+    with pytest.raises(KeyError, match="nope"):
+        with tiny_model.using_adapters_per_row(["nope"]):
+            pass

@@ -88,6 +88,11 @@ def build(lessons: list[str]) -> dict:
                                        "files": files}
         print(f"{lesson}: {len(files)} stage outputs, "
               f"{sum(f['bytes'] for f in files.values()) / 2**20:.1f} MiB, built in {seconds:.0f} s")
+    built = {lesson: manifest["lessons"][lesson] for lesson in lessons}
+    manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {"lessons": {}}
+    manifest.update(model="classroom", fingerprint=load_model("classroom").fingerprint,
+                    machine=f"{cpu_name()}, {os.cpu_count()} CPUs")
+    manifest["lessons"].update(built)   # re-read: another build may have written other lessons
     MANIFEST.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
