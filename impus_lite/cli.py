@@ -31,7 +31,8 @@ def _add_morph(sub) -> None:
                        description="Morph image A into image B and write DIR/morph.gif, DIR/morph.mp4, "
                                    "DIR/strip.png, DIR/frames/ and DIR/morph.json. Stage outputs are "
                                    "cached in DIR/cache, so a rerun with other sampling settings "
-                                   "skips training.")
+                                   "skips training, and the same command again loads the finished "
+                                   "morph (with the costs its run recorded).")
     p.add_argument("image_a", help="first image (any format Pillow reads, any size)")
     p.add_argument("image_b", help="second image")
     p.add_argument("--prompt", required=True,

@@ -24,7 +24,7 @@ from impus_lite.runtime import MODEL_ENV, notebook_model_name
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-MAX_SOURCE_CHARS = 34_000      # about 30k characters of text and code: one lecture
+MAX_SOURCE_CHARS = 33_000      # about 30k characters of text and code: one lecture
 MAX_RUNTIME_CHARS = 400        # one line; a table may be longer
 WRITE = re.compile(r"^\*\*Exercise \d+ \(write[:)]", re.M)
 DERIVATION = re.compile(r"^\*\*Derivation \d+ \(pen and paper\)", re.M)
