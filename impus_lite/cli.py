@@ -33,6 +33,9 @@ def _add_morph(sub) -> None:
                                    "cached in DIR/cache, so a rerun with other sampling settings "
                                    "skips training, and the same command again loads the finished "
                                    "morph (with the costs its run recorded).")
+    p.add_argument("--autocast", choices=("auto", "bf16"),
+                   help="IMPUS's inference stages under bf16 autocast on a CPU: 'auto' only where the "
+                        "CPU computes bf16 natively (AMX, AVX512-BF16), 'bf16' always (default: off)")
     p.add_argument("image_a", help="first image (any format Pillow reads, any size)")
     p.add_argument("image_b", help="second image")
     p.add_argument("--prompt", required=True,
@@ -105,6 +108,8 @@ def _run_morph(args) -> int:
         changes["resize_mode"] = args.resize
     if args.dtype:
         changes["precision"] = args.dtype
+    if args.autocast:
+        changes["autocast"] = args.autocast
     if args.frames is not None:
         changes["frames"] = args.frames
     if args.lpips_step is not None:

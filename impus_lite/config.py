@@ -17,6 +17,7 @@ from .images import RESAMPLERS, RESIZE_MODES
 
 SCHEDULES = ("perceptual", "reschedule", "uniform", "beta")
 PRECISIONS = ("fp32", "fp16", "bf16")
+AUTOCASTS = ("bf16", "auto")
 TIMESTEP_SPACINGS = ("leading", "trailing")
 RPPD_PROBES = ("reference", "equation")
 LORA_INITS = ("gaussian", "kaiming")
@@ -43,6 +44,11 @@ class MorphConfig:
             None = the device's default (bf16 on GPUs that support it, else fp16, fp32 on the
             CPU). The CLI, ``evaluate`` and ``bench`` load the model so; :class:`Morpher` notes a
             model loaded otherwise. Training keeps its trainable tensors in fp32 either way.
+        autocast: bf16 autocast (``torch.autocast("cpu")``) for IMPUS's inference stages on a CPU
+            with fp32 weights (inversion, rPPD probe, re-inversion, frames; the training stages
+            stay in fp32): "bf16" always, "auto" only where the CPU computes bf16 natively (AMX
+            or AVX512-BF16; elsewhere it is emulated and several times slower), None never. On
+            a GPU, ``precision`` already picks half-precision weights and this does nothing.
         timestep_spacing: where the DDIM grids of inversion and sampling lie (diffusers'
             ``timestep_spacing``). "leading" is the reference's: 250-step inversion ends at
             t = 997 but 16-step sampling starts at t = 931, so sampling treats the code as less
@@ -95,6 +101,7 @@ class MorphConfig:
     resize_mode: str = "resize"
     resample: str = "bilinear"
     precision: Optional[str] = "fp32"
+    autocast: Optional[str] = None
     timestep_spacing: str = "leading"
     text_steps: int = 2500
     text_lr: float = 2e-3
@@ -135,6 +142,8 @@ class MorphConfig:
                 raise InputError(f"Unknown {name} '{getattr(self, name)}': use one of {', '.join(allowed)}.")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise InputError(f"Unknown precision '{self.precision}': use one of {', '.join(PRECISIONS)} or None.")
+        if self.autocast is not None and self.autocast not in AUTOCASTS:
+            raise InputError(f"Unknown autocast '{self.autocast}': use one of {', '.join(AUTOCASTS)} or None.")
         if self.max_lora_rank is not None and self.max_lora_rank < 1:
             raise InputError(f"max_lora_rank must be >= 1 or None, got {self.max_lora_rank}.")
         if self.frames is not None and self.frames < 2:

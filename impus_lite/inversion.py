@@ -32,8 +32,11 @@ from .models import DiffusionModel
 def _unet(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
           adapter: Optional[str], switch: bool = True) -> torch.Tensor:
     """The UNet's noise prediction (float32) with adapter ``adapter`` active (``switch=False``:
-    the adapters as they are, e.g. inside ``using_adapters_per_row``)."""
-    with model.using_adapter(adapter) if switch else contextlib.nullcontext():
+    the adapters as they are, e.g. inside ``using_adapters_per_row``), under autocast to
+    ``model.inference_autocast`` when set and the weights are fp32."""
+    cast = model.inference_autocast if model.dtype == torch.float32 else None
+    with model.using_adapter(adapter) if switch else contextlib.nullcontext(), \
+            torch.autocast(model.device.type, dtype=cast) if cast is not None else contextlib.nullcontext():
         out = model.unet(latents.to(model.device, model.dtype), t,
                          encoder_hidden_states=embeddings.to(model.device, model.dtype)).sample
     return out.float()

@@ -94,6 +94,24 @@ def pick_dtype(device: torch.device, dtype: Union[str, torch.dtype, None] = None
     return torch.float32
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AMX tiles or AVX512-BF16), as
+    torch's own CPU feature checks report; False where they are missing."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def autocast_dtype(device: torch.device, setting: Optional[str]) -> Optional[torch.dtype]:
+    """The dtype inference stages autocast to for ``MorphConfig.autocast`` = ``setting`` on
+    ``device``: bf16 on a CPU for "bf16", and for "auto" where :func:`cpu_has_native_bf16`;
+    None otherwise (and always on a GPU, whose weights ``precision`` already makes half)."""
+    if setting is None or device.type != "cpu":
+        return None
+    if setting == "auto" and not cpu_has_native_bf16():
+        return None
+    return torch.bfloat16
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizer files for the built-in models
 # --------------------------------------------------------------------------------------------
@@ -268,6 +286,9 @@ class DiffusionModel:
     _fingerprint: Optional[str] = field(default=None, repr=False)
     _active_adapter: Optional[str] = field(default=None, repr=False)  # None: unknown, "": none
     adapter_owner: Optional[object] = field(default=None, repr=False)  # who attached the adapters
+    #: dtype the inference UNet calls autocast to (None: none); set per morph from
+    #: ``MorphConfig.autocast`` (see :func:`autocast_dtype`).
+    inference_autocast: Optional[torch.dtype] = field(default=None, repr=False)
 
     def __post_init__(self):
         def count(module, args, kwargs):

@@ -31,7 +31,7 @@ from .interp import lerp, slerp
 from .inversion import ddim_invert, ddim_sample
 from .lora import (COND_ADAPTER, UNCOND_ADAPTER, adapter_state, add_lora, is_outlier_pair,
                    load_adapter_state, max_adapter_rank, rank_from_rppd, train_lora)
-from .models import DiffusionModel, pick_dtype
+from .models import DiffusionModel, autocast_dtype, pick_dtype
 from .perceptual import Lpips, end_errors, load_lpips, rppd_probe
 from .result import MorphResult, StageStats, stage_clock
 from .schedules import FrameCache, Schedule, choose_schedule
@@ -93,8 +93,14 @@ class Morpher:
             before = str(model.dtype).replace("torch.", "")
             model.cast(wanted)
             self.notes.append(f"weights cast from {before} to {c.precision} (config.precision)")
+        model.inference_autocast = autocast_dtype(model.device, c.autocast)
+        if model.inference_autocast is not None:
+            self.notes.append(f"inference stages under bf16 autocast (config.autocast={c.autocast!r})")
         digests = [tensor_digest(self.images[i]) for i in range(2)]
         self._base = dict(model=model.fingerprint, dtype=str(model.dtype), prompt=prompt)
+        # The inference stages' keys name the autocast, only when there is one (keys without it
+        # stay as they were); the training stages do not run under it and are shared.
+        self._cast = {} if model.inference_autocast is None else {"autocast": str(model.inference_autocast)}
         self._digests = digests
 
     # ---- bookkeeping -----------------------------------------------------------------------
@@ -110,8 +116,8 @@ class Morpher:
         c = self.config
         text = [stage_key("text", image=d, steps=c.text_steps, lr=c.text_lr, seed=c.seed, **self._base)
                 for d in self._digests]
-        inversion = [stage_key("inversion", text=t, steps=c.inversion_steps, spacing=c.timestep_spacing)
-                     for t in text]
+        inversion = [stage_key("inversion", text=t, steps=c.inversion_steps, spacing=c.timestep_spacing,
+                               **self._cast) for t in text]
         return {"text": text, "inversion": inversion}
 
     def _uncond_lora_key(self) -> str:
@@ -291,7 +297,7 @@ class Morpher:
     # ---- stage 7 ---------------------------------------------------------------------------
     def _reinversion_keys(self) -> list[str]:
         return [stage_key("reinversion", lora=self._lora_key(), image=i, steps=self.config.inversion_steps,
-                          spacing=self.config.timestep_spacing) for i in range(2)]
+                          spacing=self.config.timestep_spacing, **self._cast) for i in range(2)]
 
     def codes(self) -> torch.Tensor:
         """Stage 7: the codes (2, 4, h, w) that frames start from (re-inverted with the

@@ -129,6 +129,16 @@ def test_paper_preset_stretches_and_the_dtype_flag_overrides_its_precision(image
     assert (used["resize_mode"], used["resample"], used["precision"]) == ("resize", "bilinear", "bf16")
 
 
+def test_the_autocast_flag_reaches_the_config_and_the_notes(image_pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["morph", str(image_pair[0]), str(image_pair[1]), "--prompt", "a photo", *FAST_TINY,
+                 "--autocast", "bf16", "--out", str(out)]) == 0
+    summary = json.loads((out / "morph.json").read_text())
+    assert summary["config"]["autocast"] == "bf16"
+    assert any("bf16 autocast" in note for note in summary["notes"])
+    assert "note: inference stages under bf16 autocast" in capsys.readouterr().out
+
+
 def test_method_options_from_the_command_line(tmp_path, capsys):
     from impus_lite.cli import parse_method_options
     assert parse_method_options(["rank=8", "form=outer", "adain=false", "guidance=1.5"]) == \

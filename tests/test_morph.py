@@ -74,6 +74,7 @@ FIELD_CHANGES = {
     "max_guidance": 5.0, "schedule": "uniform", "frames": 4, "reschedule_passes": 1,
     "reschedule_damping": 0.5,
     "batch_size": 1, "seed": 1, "resample": "bilinear", "precision": "bf16", "timestep_spacing": "leading",
+    "autocast": "bf16",
     "rppd_probe": "reference", "lora_init": "kaiming", "max_lora_rank": 2,
     "method": "slerp", "method_options": {"guidance": 2.0},
     # Fields read only under some schedules, checked against a base config that uses them:
@@ -150,6 +151,43 @@ def test_rendered_frames_are_kept_and_count_at_the_cost_they_were_sampled(tiny_m
     evals = tiny_model.unet_evals
     result = second.run()
     assert result.stats["frames"].unet_evals == tiny_model.unet_evals - evals > 0
+
+
+def test_autocast_runs_the_inference_stages_in_bf16_only_when_asked(tiny_model, image_pair, lpips_random,
+                                                                    tmp_path, monkeypatch):
+    from impus_lite import models
+    from impus_lite.methods import result_key
+    cpu = torch.device("cpu")
+    assert models.autocast_dtype(cpu, None) is None and models.autocast_dtype(cpu, "bf16") == torch.bfloat16
+    assert models.autocast_dtype(torch.device("cuda"), "bf16") is None   # a GPU's weights are half already
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert models.autocast_dtype(cpu, "auto") is None
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.autocast_dtype(cpu, "auto") == torch.bfloat16
+
+    seen = []
+    tiny_model.unet.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    plain = run(tiny_model, image_pair, TINY_CONFIG, lpips_random, tmp_path)
+    assert not any(seen) and not any("autocast" in n for n in plain.notes)
+    seen.clear()
+    alone = run(tiny_model, image_pair, TINY_CONFIG.replace(autocast="bf16"), lpips_random, tmp_path / "new")
+    assert any(seen) and not all(seen)          # sampling and inversion yes, training no
+    cast = run(tiny_model, image_pair, TINY_CONFIG.replace(autocast="bf16"), lpips_random, tmp_path)
+    assert torch.allclose(cast.images, alone.images, atol=1e-5)
+    assert cast.stats["text"].cached and cast.stats["lora"].cached          # training is shared
+    assert not cast.stats["reinversion"].cached                             # inference is not
+    assert any("bf16 autocast" in n for n in cast.notes)
+    assert not torch.allclose(cast.images, plain.images, atol=1e-4)
+    assert (cast.images - plain.images).abs().mean() < 0.05                 # the same morph, rounded
+    # A neighbour method ignores it (and says so); an unset field keeps the keys results had.
+    seen.clear()
+    slerp = run(tiny_model, image_pair, TINY_CONFIG.replace(method="slerp", autocast="bf16"), lpips_random)
+    assert not any(seen) and any("autocast" in n for n in slerp.notes)
+    assert result_key(tiny_model, *image_pair, "a photo", TINY_CONFIG) != \
+        result_key(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(autocast="bf16"))
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert result_key(tiny_model, *image_pair, "a photo", TINY_CONFIG) == \
+        result_key(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(autocast="auto"))
 
 
 def test_every_config_field_is_covered():

@@ -137,6 +137,7 @@ def start_run(method: str, uses: Sequence[str], model: DiffusionModel, image0: I
     images = torch.cat([load_image(image, size, config.resize_mode, config.resample)
                         for image in (image0, image1)])
     model.remove_adapters()
+    model.inference_autocast = None   # config.autocast is IMPUS's (the methods' notes name it if set)
     notes = []
     wanted = model.dtype if config.precision is None else pick_dtype(model.device, config.precision)
     if wanted != model.dtype:
