@@ -138,7 +138,8 @@ def _run_morph(args) -> int:
         print(thread_line(result.threads))
     print(f"{'stage':<12} {'seconds':>8} {'UNet evals':>11}  cached")
     for name, s in result.stats.items():
-        print(f"{name:<12} {s.seconds:8.1f} {s.unet_evals:11d}  {'yes' if s.cached else ''}")
+        flag = "with the whole morph" if result.loaded else ("yes" if s.cached else "")
+        print(f"{name:<12} {s.seconds:8.1f} {s.unet_evals:11d}  {flag}")
     print(f"{'total':<12} {result.seconds:8.1f} {result.unet_evals:11d}")
     print(f"wrote {paths['morph.gif']}, {paths['morph.mp4']}, {paths['strip.png']}, "
           f"{paths['frames']}/, {paths['morph.json']}")

@@ -39,6 +39,15 @@ def test_cli_writes_every_output(image_pair, tmp_path, small_preset, capsys):
     printed = capsys.readouterr().out
     assert "UNet evals" in printed and "torch thread" in printed
     assert any((out / "cache").glob("text-*.pt"))
+    assert "with the whole morph" not in printed
+    # The same command again loads the finished morph, with the costs its first run recorded.
+    assert main(["morph", str(image_pair[0]), str(image_pair[1]), "--prompt", "a photo", *FAST_TINY,
+                 "--out", str(out)]) == 0
+    again = json.loads((out / "morph.json").read_text())
+    assert again["loaded_from_result_cache"] and again["unet_evals"] == summary["unet_evals"]
+    assert again["alphas"] == summary["alphas"]
+    printed = capsys.readouterr().out
+    assert "loaded whole from the result cache" in printed and "with the whole morph" in printed
 
 
 def test_cli_help_explains_every_flag():
