@@ -127,8 +127,9 @@ def lesson_cache(lesson: str, folder: Union[str, Path, None] = None) -> Path:
     The shipped files (``data/stage_caches/<lesson>/*.pt``: text embeddings, adapters, inverted
     codes of the bundled pairs, the frames its ``Morpher.render`` calls sampled and its whole
     results, computed with the lesson's full-mode settings on the classroom model; subfolders
-    too, e.g. a ``bench`` folder of runs measured without a stage cache) are copied into ``folder`` (default: a new temporary folder), so the lesson can write
-    beside them without touching the repository. Keys are content hashes
+    too, e.g. a ``bench`` folder of runs measured without a stage cache) are copied into
+    ``folder`` (default: a new temporary folder), so the lesson can write beside them without
+    touching the repository. Keys are content hashes
     (:func:`stage_key`), so a stage whose image, prompt, model or settings differ never loads a
     shipped file: it runs, as it would without them. Prints what was copied.
     """

@@ -94,6 +94,12 @@ def pick_dtype(device: torch.device, dtype: Union[str, torch.dtype, None] = None
     return torch.float32
 
 
+def run_dtype(model: "DiffusionModel", precision: Optional[str]) -> torch.dtype:
+    """The weights' dtype a morph runs in: ``model.dtype`` when ``precision`` is None (the
+    config leaves it to the loaded model), else :func:`pick_dtype` of ``precision``."""
+    return model.dtype if precision is None else pick_dtype(model.device, precision)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matrix products natively (AMX tiles or AVX512-BF16), as
     torch's own CPU feature checks report; False where they are missing."""

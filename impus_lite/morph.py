@@ -31,7 +31,7 @@ from .interp import lerp, slerp
 from .inversion import ddim_invert, ddim_sample
 from .lora import (COND_ADAPTER, UNCOND_ADAPTER, adapter_state, add_lora, is_outlier_pair,
                    load_adapter_state, max_adapter_rank, rank_from_rppd, train_lora)
-from .models import DiffusionModel, autocast_dtype, pick_dtype
+from .models import DiffusionModel, autocast_dtype, run_dtype
 from .perceptual import Lpips, end_errors, load_lpips, rppd_probe
 from .result import MorphResult, StageStats, stage_clock
 from .schedules import FrameCache, Schedule, choose_schedule
@@ -88,7 +88,7 @@ class Morpher:
         #: What the frames :meth:`render` returned cost to sample (seconds, UNet evaluations).
         self.render_cost = StageStats()
         model.remove_adapters()
-        wanted = model.dtype if c.precision is None else pick_dtype(model.device, c.precision)
+        wanted = run_dtype(model, c.precision)
         if wanted != model.dtype:
             before = str(model.dtype).replace("torch.", "")
             model.cast(wanted)
@@ -353,12 +353,12 @@ class Morpher:
         if guidances is None:
             guidances = [self.config.guidance(a) for a in alphas]
         guidances = [float(w) for w in guidances]
-        public, use_cache = use_cache, use_cache and self.cache.folder is not None
-        keys = self._frame_keys(alphas, adapted, guidances) if use_cache else [None] * len(alphas)
+        keep = use_cache and self.cache.folder is not None
+        keys = self._frame_keys(alphas, adapted, guidances) if keep else [None] * len(alphas)
         out = []
         for start in range(0, len(alphas), self.config.batch_size):
             stop = min(start + self.config.batch_size, len(alphas))
-            found = {i: self.cache.load("frame", keys[i]) for i in range(start, stop)} if use_cache else {}
+            found = {i: self.cache.load("frame", keys[i]) for i in range(start, stop)} if keep else {}
             missing = [i for i in range(start, stop) if found.get(i) is None]
             if missing:
                 chunk = [alphas[i] for i in missing]
@@ -372,13 +372,14 @@ class Morpher:
                                       timestep_spacing=self.config.timestep_spacing)
                 share = torch.tensor([time.perf_counter() - clock, self.model.unet_evals - evals]) / k
                 for j, i in enumerate(missing):
-                    found[i] = {"latent": latents[j:j + 1].cpu().clone(), "cost": share}  # clone: only its row is saved
-                    if use_cache:
-                        self.cache.save("frame", keys[i], found[i])
-            latents = torch.cat([found[i]["latent"] for i in range(start, stop)]).to(self.model.device)
-            for i in range(start, stop if public else start):
-                self.render_cost.seconds += float(found[i]["cost"][0])
-                self.render_cost.unet_evals += round(float(found[i]["cost"][1]))
+                    found[i] = {"latent": latents[j:j + 1], "cost": share}
+                    if keep:  # a CPU copy of its own row (a slice would save the whole batch)
+                        self.cache.save("frame", keys[i], {"latent": latents[j:j + 1].cpu().clone(), "cost": share})
+            if use_cache:  # render(): what the returned frames cost, loaded ones as recorded
+                for i in range(start, stop):
+                    self.render_cost.seconds += float(found[i]["cost"][0])
+                    self.render_cost.unet_evals += round(float(found[i]["cost"][1]))
+            latents = torch.cat([found[i]["latent"].to(self.model.device) for i in range(start, stop)])
             out.append(self.model.decode(latents).cpu())
         return torch.cat(out)
 

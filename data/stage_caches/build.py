@@ -24,7 +24,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,29 +44,18 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def build(lessons: list[str]) -> dict:
     import nbformat
 
     from impus_lite import load_model
     from impus_lite.cache import LESSON_CACHE_BUILD_ENV
+    from impus_lite.runtime import cpu_model_name
 
     os.environ.pop("IMPUS_LITE_SMOKE", None)
     os.environ.pop("IMPUS_LITE_MODEL", None)
     os.environ[LESSON_CACHE_BUILD_ENV] = "1"
     prepare = site_prepare()
-    manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {"lessons": {}}
-    manifest.update(model="classroom", fingerprint=load_model("classroom").fingerprint,
-                    machine=f"{cpu_name()}, {os.cpu_count()} CPUs")
+    built = {}
     for lesson in lessons:
         notebooks = sorted((ROOT / "notebooks").glob(f"{lesson}_*.ipynb"))
         if len(notebooks) != 1:
@@ -84,15 +72,14 @@ def build(lessons: list[str]) -> dict:
         nbformat.write(executed, out / notebooks[0].name)
         files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
                  for p in sorted(folder.rglob("*.pt"))}
-        manifest["lessons"][lesson] = {"notebook": notebooks[0].name, "build_seconds": round(seconds, 1),
-                                       "files": files}
+        built[lesson] = {"notebook": notebooks[0].name, "build_seconds": round(seconds, 1), "files": files}
         print(f"{lesson}: {len(files)} stage outputs, "
               f"{sum(f['bytes'] for f in files.values()) / 2**20:.1f} MiB, built in {seconds:.0f} s")
-    built = {lesson: manifest["lessons"][lesson] for lesson in lessons}
+    # Read only now: another build may have written other lessons meanwhile.
     manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {"lessons": {}}
     manifest.update(model="classroom", fingerprint=load_model("classroom").fingerprint,
-                    machine=f"{cpu_name()}, {os.cpu_count()} CPUs")
-    manifest["lessons"].update(built)   # re-read: another build may have written other lessons
+                    machine=f"{cpu_model_name()}, {os.cpu_count()} CPUs")
+    manifest["lessons"].update(built)
     MANIFEST.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 

@@ -40,12 +40,12 @@ def result_key(model, image0, image1, prompt: str, config: MorphConfig, lpips=No
     fingerprint and the dtype it will run in, and the LPIPS trunk that places the frames."""
     from ..cache import stage_key
     from ..images import load_image, tensor_digest
-    from ..models import autocast_dtype, pick_dtype
+    from ..models import autocast_dtype, run_dtype
 
     size = config.size or model.resolution
     digests = [tensor_digest(load_image(image, size, config.resize_mode, config.resample))
                for image in (image0, image1)]
-    dtype = model.dtype if config.precision is None else pick_dtype(model.device, config.precision)
+    dtype = run_dtype(model, config.precision)
     fields = config.to_dict()
     cast = autocast_dtype(model.device, fields.pop("autocast"))  # what it does on this machine
     if cast is not None:              # none: the key results had before the field existed

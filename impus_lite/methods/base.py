@@ -14,7 +14,7 @@ from ..cache import StageCache
 from ..config import MorphConfig
 from ..errors import InputError
 from ..images import ImageLike, load_image, tensor_digest, tensor_to_pil
-from ..models import DiffusionModel, pick_dtype
+from ..models import DiffusionModel, run_dtype
 from ..perceptual import Lpips, end_errors, load_lpips
 from ..result import MorphResult, StageStats, stage_clock
 from ..schedules import Schedule
@@ -139,7 +139,7 @@ def start_run(method: str, uses: Sequence[str], model: DiffusionModel, image0: I
     model.remove_adapters()
     model.inference_autocast = None   # config.autocast is IMPUS's (the methods' notes name it if set)
     notes = []
-    wanted = model.dtype if config.precision is None else pick_dtype(model.device, config.precision)
+    wanted = run_dtype(model, config.precision)
     if wanted != model.dtype:
         before = str(model.dtype).replace("torch.", "")
         model.cast(wanted)
