@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .config import LORA_INITS
 from .errors import InputError
 from .models import DiffusionModel
-from .precision import loss_scaler
+from .precision import adam_optimizer, loss_scaler
 from .runtime import trains_images_together
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -127,7 +127,7 @@ def train_lora(model: DiffusionModel, name: str, latents: Sequence[torch.Tensor]
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    optimizer = adam_optimizer(params, lr=lr, decoupled_weight_decay=True)
     scaler = loss_scaler(model)
     generator = torch.Generator().manual_seed(seed)
     losses = []

@@ -295,6 +295,7 @@ class DiffusionModel:
     #: dtype the inference UNet calls autocast to (None: none); set per morph from
     #: ``MorphConfig.autocast`` (see :func:`autocast_dtype`).
     inference_autocast: Optional[torch.dtype] = field(default=None, repr=False)
+    _noise_schedule: Optional[tuple] = field(default=None, repr=False)  # (config repr, scheduler)
 
     def __post_init__(self):
         def count(module, args, kwargs):
@@ -356,6 +357,19 @@ class DiffusionModel:
         return DDIMInverseScheduler.from_config({k: v for k, v in config.items()
                                                  if k in accepted or k.startswith("_")})
 
+    def noise_schedule(self):
+        """The ``DDIMScheduler`` of :meth:`diffusion_loss`, built once per ``scheduler_config``.
+
+        The losses use only its stateless part (``num_train_timesteps``, ``add_noise``,
+        ``get_velocity``: the training schedule's ``alphas_cumprod``), so one instance serves
+        every step; building a fresh one per step cost about 0.5 ms. Samplers take
+        :meth:`ddim_scheduler`, a fresh one, since ``set_timesteps`` changes its state.
+        """
+        stamp = repr(sorted(self.scheduler_config.items()))
+        if self._noise_schedule is None or self._noise_schedule[0] != stamp:
+            self._noise_schedule = (stamp, self.ddim_scheduler())
+        return self._noise_schedule[1]
+
     def _scheduler_config(self, timestep_spacing: Optional[str]) -> dict:
         if timestep_spacing is None:
             return self.scheduler_config
@@ -376,7 +390,7 @@ class DiffusionModel:
         Returns:
             A scalar float32 tensor.
         """
-        scheduler = self.ddim_scheduler()
+        scheduler = self.noise_schedule()
         batch = latents.shape[0]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
@@ -393,7 +407,7 @@ class DiffusionModel:
         turn, as B calls of :meth:`diffusion_loss` in a row would. One batched call is faster
         than B calls on a CPU; its activations take B times the memory.
         """
-        scheduler = self.ddim_scheduler()
+        scheduler = self.noise_schedule()
         batch = latents.shape[0]
         if isinstance(generators, torch.Generator):
             generators = [generators] * batch
@@ -409,7 +423,7 @@ class DiffusionModel:
 
     def _denoise(self, latents, embeddings, t, noise):
         """(prediction, target) in float32 for latents noised to ``t`` with ``noise``."""
-        scheduler = self.ddim_scheduler()
+        scheduler = self.noise_schedule()
         latents = latents.detach().float().cpu()
         noisy = scheduler.add_noise(latents, noise, t)
         target = scheduler.get_velocity(latents, noise, t) if self.prediction_type == "v_prediction" else noise

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .models import DiffusionModel
-from .precision import loss_scaler
+from .precision import adam_optimizer, loss_scaler
 from .runtime import trains_images_together
 
 
@@ -120,7 +120,7 @@ def optimize_embeddings(model: DiffusionModel, latents: torch.Tensor, embedding:
     param = torch.nn.Parameter(embedding.detach().float().expand(count, -1, -1).clone())
     losses: list[list[float]] = [[] for _ in range(count)]
     if steps > 0:
-        optimizer = torch.optim.Adam([param], lr=lr)
+        optimizer = adam_optimizer([param], lr=lr)
         scaler = loss_scaler(model)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         with model.using_adapter(None):

@@ -77,3 +77,40 @@ def test_the_shipped_classroom_model_generates_in_plain_diffusers():
     image = pipe("cat face", num_inference_steps=3, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all() and image.std() > 0.05
+
+
+def test_the_loss_schedule_is_built_once_and_follows_the_scheduler_config():
+    from impus_lite.models import load_model
+
+    model = load_model("tiny", device="cpu")  # its own copy: the config is changed below
+    first = model.noise_schedule()
+    assert model.noise_schedule() is first
+    z = torch.randn(1, 4, 8, 8)
+    eps_loss = model.diffusion_loss(z, torch.zeros(1, 77, 32), torch.Generator().manual_seed(3))
+    model.scheduler_config = {**model.scheduler_config, "prediction_type": "v_prediction"}
+    second = model.noise_schedule()
+    assert second is not first and second.config.prediction_type == "v_prediction"
+    v_loss = model.diffusion_loss(z, torch.zeros(1, 77, 32), torch.Generator().manual_seed(3))
+    # the same draws against another target: the velocity, not eps
+    assert abs(float(v_loss) - float(eps_loss)) > 1e-4
+
+
+def test_adam_optimizer_is_fused_on_the_cpu_and_updates_as_the_looped_one():
+    from impus_lite.precision import adam_optimizer
+
+    start = [torch.randn(16, 4, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    finals = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(s.clone()) for s in start]
+        optimizer = (adam_optimizer(params, lr=1e-2, decoupled_weight_decay=True) if fused
+                     else torch.optim.AdamW(params, lr=1e-2))
+        assert optimizer.defaults.get("fused") is (True if fused else None)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        finals[fused] = torch.cat([p.detach().flatten() for p in params])
+    moved = (finals[True] - torch.cat([s.flatten() for s in start])).abs().max()
+    assert moved > 0.1                                     # 30 steps of 1e-2 moved them
+    assert torch.allclose(finals[True], finals[False], atol=1e-5)
