@@ -91,7 +91,10 @@ class MorphConfig:
             DiffMorpher's full step; 0.3 keeps 30% of the previous alphas).
         beta_a, beta_b: the Beta prior of the "beta" schedule.
         max_frames: upper bound on frames from the perceptual search.
-        batch_size: frames rendered per UNet batch.
+        batch_size: frames rendered per UNet call (each frame is two latents, its guidance
+            branches); None = :func:`impus_lite.runtime.frames_per_call`: every frame of a
+            render pass in one call where the latents are small (the classroom model's 16x16),
+            4 where they are not (SD's 64x64). Frames agree to float rounding either way.
         seed: seeds every random draw (text and LoRA training).
     """
 
@@ -129,7 +132,7 @@ class MorphConfig:
     beta_a: float = 2.0
     beta_b: float = 2.0
     max_frames: int = 64
-    batch_size: int = 4
+    batch_size: Optional[int] = None
     seed: int = 0
 
     def __post_init__(self):
@@ -159,6 +162,8 @@ class MorphConfig:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("inversion_steps", "sample_steps", "rppd_frames", "search_candidates",
                      "reschedule_passes", "batch_size"):
+            if name == "batch_size" and self.batch_size is None:
+                continue
             if getattr(self, name) < 1 or (name == "rppd_frames" and self.rppd_frames < 2):
                 raise InputError(f"{name} is too small: {getattr(self, name)}.")
         if not 0.0 <= self.reschedule_damping < 1.0:

@@ -34,6 +34,7 @@ from .lora import (COND_ADAPTER, UNCOND_ADAPTER, adapter_state, add_lora, is_out
 from .models import DiffusionModel, autocast_dtype, run_dtype
 from .perceptual import Lpips, end_errors, load_lpips, rppd_probe
 from .result import MorphResult, StageStats, stage_clock
+from .runtime import frames_per_call
 from .schedules import FrameCache, Schedule, choose_schedule
 from .text import check_prompt, encode_prompt, optimize_embeddings, unconditional_embedding
 
@@ -316,7 +317,7 @@ class Morpher:
 
         Embedding ``lerp(e0, e1, a)``, start code ``slerp(z0, z1, a)``, guidance
         ``config.guidance(a)`` (or ``guidances``, one per alpha), ``config.sample_steps`` DDIM
-        steps on ``config.timestep_spacing``'s grid, in batches of ``config.batch_size``.
+        steps on ``config.timestep_spacing``'s grid, :attr:`frames_per_call` frames per UNet call.
         ``adapted=False`` uses the un-adapted model and base codes (the rPPD probe).
 
         With a cache folder, each frame's sampled latent is kept (stage "frame", keyed by the
@@ -327,6 +328,12 @@ class Morpher:
         (no frame cache), so a morph's stats count all it renders.
         """
         return self._render(alphas, adapted, guidances, use_cache=True)
+
+    @property
+    def frames_per_call(self) -> int:
+        """Frames per UNet call: ``config.batch_size``, or when it is None
+        :func:`impus_lite.runtime.frames_per_call` for this pair's latent size."""
+        return frames_per_call(self.config.batch_size, self.latents().shape[-1], self.config.max_frames)
 
     def _frame_keys(self, alphas: Sequence[float], adapted: bool, guidances: Sequence[float]) -> list[str]:
         c = self.config
@@ -355,9 +362,9 @@ class Morpher:
         guidances = [float(w) for w in guidances]
         keep = use_cache and self.cache.folder is not None
         keys = self._frame_keys(alphas, adapted, guidances) if keep else [None] * len(alphas)
-        out = []
-        for start in range(0, len(alphas), self.config.batch_size):
-            stop = min(start + self.config.batch_size, len(alphas))
+        out, per_call = [], self.frames_per_call
+        for start in range(0, len(alphas), per_call):
+            stop = min(start + per_call, len(alphas))
             found = {i: self.cache.load("frame", keys[i]) for i in range(start, stop)} if keep else {}
             missing = [i for i in range(start, stop) if found.get(i) is None]
             if missing:
@@ -389,7 +396,7 @@ class Morpher:
         def compute():
             self.codes()  # train and invert first, so their cost is not counted here
             with self._stage("frames"):
-                cache = FrameCache(self._render_with_bar, self.config.batch_size)
+                cache = FrameCache(self._render_with_bar, self.frames_per_call)
                 return choose_schedule(self.config, cache, self.lpips)
         return self._once("schedule", compute)
 

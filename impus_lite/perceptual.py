@@ -23,7 +23,7 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -413,7 +413,7 @@ def end_errors(inputs: torch.Tensor, ends: torch.Tensor, reconstructions: torch.
 
 def ppl_stylegan(render: Callable[[Sequence[float]], torch.Tensor], distance: Callable,
                  samples: int = 64, eps: float = 1e-4, seed: int = 0,
-                 batch_size: int = 8) -> float:
+                 batch_size: Optional[int] = 8) -> float:
     """Perceptual path length, StyleGAN form (IMPUS code): ``E_a[d(x(a), x(a + eps))] / eps^2``.
 
     ``a ~ U[0, 1 - eps]``; the mean is taken over the samples between the 1st and 99th
@@ -422,12 +422,15 @@ def ppl_stylegan(render: Callable[[Sequence[float]], torch.Tensor], distance: Ca
     Args:
         render: alphas (a list of K floats) -> frames (K, 3, H, W) in [-1, 1].
         distance: frames, frames -> (K,) distances (e.g. an :class:`Lpips`).
+        batch_size: samples per ``render`` call (None: all of them, for a ``render`` that
+            batches itself, as :meth:`impus_lite.morph.Morpher.render`).
     """
     rng = np.random.default_rng(seed)
     alphas = rng.uniform(0.0, 1.0 - eps, size=samples)
     values = []
-    for start in range(0, samples, batch_size):
-        a = alphas[start:start + batch_size]
+    step = batch_size or samples
+    for start in range(0, samples, step):
+        a = alphas[start:start + step]
         x = render(list(a))
         y = render(list(a + eps))
         values.extend(np.asarray(distance(x, y), dtype=np.float64).reshape(-1) / eps ** 2)

@@ -70,11 +70,13 @@ def _check_frames(frames: int) -> None:
 
 
 class FrameCache:
-    """Frames rendered so far, by alpha; renders missing alphas in batches of ``batch_size``."""
+    """Frames rendered so far, by alpha; renders missing alphas in batches of ``batch_size``
+    (None: all missing alphas in one call, for a ``render`` that batches them itself, as
+    :meth:`impus_lite.morph.Morpher.render` does)."""
 
-    def __init__(self, render: Render, batch_size: int = 8):
+    def __init__(self, render: Render, batch_size: Optional[int] = 8):
         self.render = render
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = None if batch_size is None else max(1, int(batch_size))
         self.frames: dict[float, torch.Tensor] = {}
         self.renders = 0
 
@@ -82,8 +84,9 @@ class FrameCache:
         """Frames (K, 3, H, W) at ``alphas``, rendering only the ones not seen before."""
         alphas = [float(a) for a in alphas]
         missing = sorted({a for a in alphas if a not in self.frames})
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start:start + self.batch_size]
+        step = self.batch_size or max(1, len(missing))
+        for start in range(0, len(missing), step):
+            chunk = missing[start:start + step]
             images = self.render(chunk)
             self.renders += len(chunk)
             for a, image in zip(chunk, images):

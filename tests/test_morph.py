@@ -337,3 +337,27 @@ def test_a_method_rejects_options_it_does_not_have(tiny_model, image_pair, lpips
             lpips_random)
     with pytest.raises(InputError, match="IMPUS takes no method_options"):
         run(tiny_model, image_pair, TINY_CONFIG.replace(method_options={"guidance": 2.0}), lpips_random)
+
+
+def test_frames_per_call_follows_batch_size_or_the_latent_size():
+    from impus_lite.runtime import LARGE_LATENT_FRAMES_PER_CALL, frames_per_call
+
+    assert frames_per_call(3, 16) == 3 and frames_per_call(3, 64) == 3           # a set value holds
+    assert frames_per_call(None, 16, max_frames=40) == 40                        # classroom: a whole pass
+    assert frames_per_call(None, 64, max_frames=40) == LARGE_LATENT_FRAMES_PER_CALL == 4   # SD at 512
+    assert MorphConfig.preset("fast").batch_size is None
+    with pytest.raises(InputError, match="batch_size"):
+        MorphConfig.preset("fast", batch_size=0)
+
+
+def test_a_render_pass_of_small_latents_is_one_unet_call_per_step(tiny_model, image_pair, lpips_random):
+    frames = {}
+    for batch_size, calls_per_step in ((None, 1), (2, 3)):
+        m = Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(lora_rank=2, batch_size=batch_size),
+                    lpips=lpips_random, progress=False)
+        m.codes()                                      # train and invert first: count the render alone
+        calls = tiny_model.unet_calls
+        frames[batch_size] = m.render([0.0, 0.25, 0.5, 0.75, 1.0])
+        # both guidance branches run in one call: one call per DDIM step and batch of frames
+        assert tiny_model.unet_calls - calls == calls_per_step * TINY_CONFIG.sample_steps
+    assert torch.allclose(frames[None], frames[2], atol=1e-4)

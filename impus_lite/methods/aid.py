@@ -702,7 +702,7 @@ def _choose_alphas(run, morph: AttentionMorph, options: Options):
         return frame_schedule(run, morph.render)
     frames = c.frames or options.frames
     with run.stage("frames"):
-        cache = FrameCache(morph.render, c.batch_size)
+        cache = FrameCache(morph.render, run.frames_per_call)
         if options.alphas == "explore":
             exploration = options.exploration or int(1.5 * frames)
             chosen = explore_and_select(cache, run.lpips, frames, exploration, options.init_a, options.init_b)

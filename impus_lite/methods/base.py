@@ -17,6 +17,7 @@ from ..images import ImageLike, load_image, tensor_digest, tensor_to_pil
 from ..models import DiffusionModel, run_dtype
 from ..perceptual import Lpips, end_errors, load_lpips
 from ..result import MorphResult, StageStats, stage_clock
+from ..runtime import frames_per_call
 from ..schedules import Schedule
 from ..text import check_prompt
 
@@ -69,6 +70,13 @@ class MethodRun:
     def stage(self, name: str):
         """Context manager adding the time, UNet evaluations and memory of a block to ``name``."""
         return stage_clock(self.model, self.stats, name)
+
+    @property
+    def frames_per_call(self) -> int:
+        """Frames per UNet call: ``config.batch_size``, or when it is None
+        :func:`impus_lite.runtime.frames_per_call` for the latents of these images."""
+        side = self.images.shape[-1] // self.model.vae_scale_factor
+        return frames_per_call(self.config.batch_size, side, self.config.max_frames)
 
     def latents(self) -> torch.Tensor:
         """VAE latents (2, C, S/f, S/f) of both images (stage "encode")."""
@@ -156,9 +164,9 @@ def start_run(method: str, uses: Sequence[str], model: DiffusionModel, image0: I
 
 def frame_schedule(run: MethodRun, render: Callable[[Sequence[float]], torch.Tensor]) -> Schedule:
     """The alphas ``run.config.schedule`` picks, rendering frames (K, 3, S, S) in [-1, 1] with
-    ``render(alphas)`` in batches of ``config.batch_size``, timed as stage "frames"."""
+    ``render(alphas)`` in batches of :attr:`MethodRun.frames_per_call`, timed as stage "frames"."""
     from ..schedules import FrameCache, choose_schedule
 
     with run.stage("frames"):
-        cache = FrameCache(render, run.config.batch_size)
+        cache = FrameCache(render, run.frames_per_call)
         return choose_schedule(run.config, cache, run.lpips)

@@ -490,7 +490,7 @@ def run(model, image0, image1, prompt, config, cache_dir=None, lpips=None, progr
         rank = max_adapter_rank(model)
         run.notes.append(f"LoRA rank {o.rank} bounded to {rank} (the narrowest adapted layer)")
     names = ADAPTERS if rank > 0 else ()
-    if names and run.config.batch_size > 1:
+    if names and run.frames_per_call > 1:
         run.notes.append("diffmorpher renders one frame per UNet call: the interpolated LoRA weights hold "
                          "for a whole batch")
     latents = run.latents()
@@ -516,7 +516,7 @@ def _alpha_passes(run, render, o) -> Schedule:
         return frame_schedule(run, render)
     frames = run.config.frames or DEFAULT_FRAMES
     with run.stage("frames"):
-        cache = FrameCache(render, run.config.batch_size)
+        cache = FrameCache(render, run.frames_per_call)
         uniform = fixed_schedule(uniform_alphas(frames), cache, run.lpips)
         schedule = fixed_schedule(reschedule_alphas(uniform.alphas, uniform.distances, frames), cache, run.lpips)
     schedule.renders = cache.renders

@@ -638,9 +638,9 @@ def run(model, image0, image1, prompt, config, cache_dir=None, lpips=None, progr
     run.notes.append(f"tree of depth {levels}: {n_middle} (middle frame) to {n_finest} (finest) "
                      f"denoising steps of {options.steps}; text: {options.text_loss} loss")
     tree = FrameTree(model, latents, text.embeddings, text.uncond, options, levels, options.steps,
-                     c.timestep_spacing, c.seed, c.batch_size, score)
+                     c.timestep_spacing, c.seed, run.frames_per_call, score)
     if alphas is None:
         return run.finish(frame_schedule(run, tree.render))
     with run.stage("frames"):
-        schedule = fixed_schedule(alphas, FrameCache(tree.render, c.batch_size), run.lpips)
+        schedule = fixed_schedule(alphas, FrameCache(tree.render, run.frames_per_call), run.lpips)
     return run.finish(schedule)
