@@ -10,8 +10,8 @@ Two things decide whether their morphs share the CPU or stall each other:
   ``IMPUS_LITE_THREADS`` (or ``OMP_NUM_THREADS``) says otherwise. A small UNet (below
   :data:`SMALL_UNET_PARAMETERS`, the classroom and tiny models) gets one thread: its layers are
   too small to split, and with waiting threads asleep the hand-offs cost more than a second
-  core gives (the README morph on a 2-core AMD EPYC: 23.6 s of stages on one thread, 32.6 s on
-  two; ``bench --concurrent``).
+  core gives (the README morph on a 2-core AMD EPYC: 21.3 s of stages on one thread, 33.0 s on
+  two; ``bench --concurrent``, the results page's "A class on one machine").
 * **How threads wait.** OpenMP threads that find no work spin for a while before sleeping
   (``OMP_WAIT_POLICY=ACTIVE``-like defaults). With two processes on two cores, each one's
   spinning threads hold the cores the other needs, and both slow down many times over.
