@@ -99,12 +99,14 @@ class ThreadChoice:
         source: "IMPUS_LITE_THREADS", "OMP_NUM_THREADS", "small model", "cgroup quota" or
             "CPU affinity".
         affinity: CPUs in the affinity mask; quota: the cgroup quota in cores (None: none).
+        small_model: the UNet has fewer than :data:`SMALL_UNET_PARAMETERS` parameters.
     """
 
     threads: int
     source: str
     affinity: int
     quota: Optional[float]
+    small_model: bool = False
 
 
 def _positive_int(name: str) -> Optional[int]:
@@ -127,12 +129,13 @@ def choose_threads(cgroup_root: Path = Path("/sys/fs/cgroup"),
     of fewer than :data:`SMALL_UNET_PARAMETERS` parameters, else the smaller of the affinity
     mask and the cgroup quota rounded up (at least 1)."""
     affinity, quota = affinity_cpus(), cgroup_cpu_limit(cgroup_root)
+    small = unet_parameters is not None and unet_parameters < SMALL_UNET_PARAMETERS
     for name in (THREADS_VARIABLE, "OMP_NUM_THREADS"):
         given = _positive_int(name)
         if given is not None:
-            return ThreadChoice(given, name, affinity, quota)
-    if unet_parameters is not None and unet_parameters < SMALL_UNET_PARAMETERS:
-        return ThreadChoice(1, "small model", affinity, quota)
+            return ThreadChoice(given, name, affinity, quota, small)
+    if small:
+        return ThreadChoice(1, "small model", affinity, quota, small)
     if quota is not None and math.ceil(quota) < affinity:
         return ThreadChoice(max(1, math.ceil(quota)), "cgroup quota", affinity, quota)
     return ThreadChoice(affinity, "CPU affinity", affinity, quota)
@@ -170,4 +173,10 @@ def thread_line(report: Optional[dict] = None) -> str:
     if r["wait_policy_set_by"] == "too late":
         return (line + "; torch was imported before impus_lite, so waiting threads may spin: on a "
                 "shared machine set OMP_WAIT_POLICY=PASSIVE before starting Python.")
-    return line + f"; waiting threads {'sleep' if r['omp_wait_policy'].upper() == 'PASSIVE' else 'follow ' + r['omp_wait_policy']}."
+    sleeping = r["omp_wait_policy"].upper() == "PASSIVE"
+    line += f"; waiting threads {'sleep' if sleeping else 'follow ' + r['omp_wait_policy']}."
+    if sleeping and count > 1 and r.get("small_model"):
+        line += (" Sleeping threads make a small model slower than one thread (the README morph on 2 cores: "
+                 "33 s against 21 s of stages); on a machine of your own, OMP_WAIT_POLICY=ACTIVE makes "
+                 "them faster, on a shared one it stalls the others.")
+    return line

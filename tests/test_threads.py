@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,7 +41,7 @@ def test_the_quota_caps_the_threads_and_the_variables_override_it(tmp_path, monk
     assert (choice.threads, choice.source, choice.affinity, choice.quota) == (2, "cgroup quota", 64, 1.5)
     _cgroup_v2(root, "max 100000")
     assert threads.choose_threads(root) == threads.ThreadChoice(64, "CPU affinity", 64, None)
-    assert threads.choose_threads(root, unet_parameters=12_000_000) == threads.ThreadChoice(1, "small model", 64, None)
+    assert threads.choose_threads(root, unet_parameters=12_000_000) == threads.ThreadChoice(1, "small model", 64, None, True)
     assert threads.choose_threads(root, unet_parameters=860_000_000).threads == 64
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.choose_threads(root).threads == 3
@@ -102,3 +103,20 @@ def test_the_load_test_compares_n_morphs_with_n_times_one(monkeypatch, tmp_path)
     assert "active" in text and "1.30" in text and "2 (CPU affinity)" in text
     with pytest.raises(InputError, match="wait policy"):
         loadtest._environment("spin")
+
+
+def test_the_thread_line_warns_when_sleeping_threads_split_a_small_model(monkeypatch):
+    monkeypatch.setenv("IMPUS_LITE_THREADS", "2")
+    small = threads.choose_threads(unet_parameters=5_000_000)
+    large = threads.choose_threads(unet_parameters=860_000_000)
+    assert (small.threads, small.small_model) == (2, True) and (large.threads, large.small_model) == (2, False)
+    report = {"torch_threads": 2, "affinity": 2, "quota": None, "omp_wait_policy": "PASSIVE",
+              "wait_policy_set_by": "impus_lite"}
+    warning = "slower than one thread"
+    assert warning in threads.thread_line({**report, **dataclasses.asdict(small)})
+    assert warning not in threads.thread_line({**report, **dataclasses.asdict(large)})
+    spinning = {**report, **dataclasses.asdict(small), "omp_wait_policy": "ACTIVE", "wait_policy_set_by": "environment"}
+    assert warning not in threads.thread_line(spinning)
+    monkeypatch.delenv("IMPUS_LITE_THREADS")
+    assert warning not in threads.thread_line({**report, **dataclasses.asdict(
+        threads.choose_threads(unet_parameters=5_000_000)), "torch_threads": 1})
