@@ -332,8 +332,11 @@ class Morpher:
     @property
     def frames_per_call(self) -> int:
         """Frames per UNet call: ``config.batch_size``, or when it is None
-        :func:`impus_lite.runtime.frames_per_call` for this pair's latent size."""
-        return frames_per_call(self.config.batch_size, self.latents().shape[-1], self.config.max_frames)
+        :func:`impus_lite.runtime.frames_per_call` for this pair's latent size (read off the
+        images' size, as :attr:`impus_lite.methods.base.MethodRun.frames_per_call` does, so that
+        asking does not run the encode stage)."""
+        side = self.images.shape[-1] // self.model.vae_scale_factor
+        return frames_per_call(self.config.batch_size, side, self.config.max_frames)
 
     def _frame_keys(self, alphas: Sequence[float], adapted: bool, guidances: Sequence[float]) -> list[str]:
         c = self.config
