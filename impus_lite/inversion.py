@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import DiffusionModel
+from .workers import free_workers, map_chunks, useful_workers
 
 
 def _unet(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
@@ -112,8 +113,16 @@ def guidance_noise(model: DiffusionModel, z: torch.Tensor, t: torch.Tensor, cond
 def ddim_sample(model: DiffusionModel, codes: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                 guidance: Union[float, torch.Tensor], steps: int, cond_adapter: Optional[str] = None,
                 uncond_adapter: Optional[str] = None, progress: bool = True,
-                desc: str = "DDIM sampling", timestep_spacing: Optional[str] = None) -> torch.Tensor:
+                desc: str = "DDIM sampling", timestep_spacing: Optional[str] = None,
+                workers: Optional[int] = None) -> torch.Tensor:
     """Run the DDIM ODE from noise to data with guidance: codes (B, 4, h, w) -> latents.
+
+    Each row is its own trajectory, so on a CPU the rows are split into contiguous chunks that
+    ``workers`` threads sample at once (:func:`impus_lite.workers.map_chunks`; None:
+    ``model.batch_workers`` as far as CPUs are idle, :func:`impus_lite.workers.free_workers`),
+    as many as keep two UNet rows per chunk, and only while the UNet
+    runs diffusers' own attention processors (a method's processors may hold state across
+    rows). The result agrees with one batch's to float rounding; the UNet evaluations are the same.
 
     Args:
         cond: (B or 1, L, D) conditional embeddings; uncond: (1 or B, L, D).
@@ -123,16 +132,34 @@ def ddim_sample(model: DiffusionModel, codes: torch.Tensor, cond: torch.Tensor, 
     Returns:
         float32 latents on the model's device (decode with ``model.decode``).
     """
+    batch = codes.shape[0]
+    cond = _expand(cond, batch)
+    w = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(batch).clone()
+    rows_per_code = 1 if torch.all(w == 1) else 2
+    chunks = useful_workers(free_workers(model.batch_workers) if workers is None else workers, batch, rows_per_code)
+    if chunks > 1 and model.device.type == "cpu" and _plain_attention(model):
+        uncond_rows = _expand(uncond, batch) if uncond.shape[0] == batch else None
+
+        def sample_rows(start: int, stop: int) -> torch.Tensor:
+            return ddim_sample(model, codes[start:stop], cond[start:stop],
+                               uncond if uncond_rows is None else uncond_rows[start:stop], w[start:stop],
+                               steps, cond_adapter, uncond_adapter, progress and start == 0, desc,
+                               timestep_spacing, workers=1)
+
+        return torch.cat(map_chunks(sample_rows, batch, chunks))
     scheduler = model.ddim_scheduler(timestep_spacing)
     scheduler.set_timesteps(steps, device=model.device)
     z = codes.detach().float().to(model.device)
-    batch = z.shape[0]
-    cond = _expand(cond, batch)
-    w = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(batch).clone()
     for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
         eps = guidance_noise(model, z, t, cond, uncond, w, cond_adapter, uncond_adapter)
         z = scheduler.step(eps, t, z).prev_sample.float()
     return z
+
+
+def _plain_attention(model: DiffusionModel) -> bool:
+    """Whether every attention processor of the UNet is one of diffusers' own (stateless)."""
+    processors = getattr(model.unet, "attn_processors", {})
+    return all(type(p).__module__.startswith("diffusers.") for p in processors.values())
 
 
 def round_trip(model: DiffusionModel, latents: torch.Tensor, embeddings: torch.Tensor,

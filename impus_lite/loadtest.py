@@ -90,9 +90,11 @@ def format_concurrent(report: dict) -> str:
 
     from .runtime import machine_description
 
+    threads = report["runs"][0]["threads"]
+    workers = threads.get("workers", 1)
     lines = [f"machine: {machine_description(torch.device('cpu'))}", f"OMP_WAIT_POLICY for the morphs: {report['wait_policy']}; "
-             f"threads per morph: {report['runs'][0]['threads']['torch_threads']} "
-             f"({report['runs'][0]['threads']['source']})", "",
+             f"threads per morph: {threads['torch_threads']} ({threads['source']})"
+             + (f", up to {workers} batch workers where CPUs are idle" if workers > 1 else ""), "",
              f"{'morphs':>6} {'wall s':>8} {'N x one':>8} {'slowdown':>9}  stage seconds per morph"]
     for run in report["runs"]:
         stages = ", ".join(f"{s:.1f}" for s in run["stage_seconds"])

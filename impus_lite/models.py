@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .errors import InputError, ModelLoadError
+from .workers import free_workers, map_chunks, useful_workers
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUILTIN_MODELS = ("tiny", "classroom", "sd15-random", "sd21-random")
@@ -277,6 +279,12 @@ class DiffusionModel:
         unet_evals: running count of latents passed through the UNet (a batch of B adds B);
             the machine-independent cost unit of this package.
         unet_calls: running count of UNet forward calls (batching lowers it, not unet_evals).
+        batch_workers: CPU threads that may split one batch of independent rows, e.g. a render
+            pass's frames (:mod:`impus_lite.workers`); :func:`load_model` sets it from
+            :func:`impus_lite.threads.choose_threads` on a CPU, 1 elsewhere.
+
+    Several threads may run the UNet at once (the counters and adapter switches take a lock,
+    per-row adapters are per thread) as long as they ask for the same adapter.
     """
 
     name: str
@@ -296,12 +304,17 @@ class DiffusionModel:
     #: ``MorphConfig.autocast`` (see :func:`autocast_dtype`).
     inference_autocast: Optional[torch.dtype] = field(default=None, repr=False)
     _noise_schedule: Optional[tuple] = field(default=None, repr=False)  # (config repr, scheduler)
+    batch_workers: int = 1
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _row_adapters: threading.local = field(default_factory=threading.local, repr=False)
+    _row_hooks: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         def count(module, args, kwargs):
             sample = args[0] if args else kwargs["sample"]
-            self.unet_evals += int(sample.shape[0])
-            self.unet_calls += 1
+            with self._lock:
+                self.unet_evals += int(sample.shape[0])
+                self.unet_calls += 1
         self.unet.register_forward_pre_hook(count, with_kwargs=True)
 
     # ---- geometry -----------------------------------------------------------------------
@@ -442,8 +455,16 @@ class DiffusionModel:
         return latents.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 4, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (float32, clamped)."""
+    def decode(self, latents: torch.Tensor, workers: Optional[int] = None) -> torch.Tensor:
+        """Latents (B, 4, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (float32, clamped).
+
+        On a CPU the rows are split among ``workers`` threads (None: :attr:`batch_workers` as far
+        as CPUs are idle; :mod:`impus_lite.workers`); each image is decoded on its own either way."""
+        workers = free_workers(self.batch_workers) if workers is None else workers
+        chunks = useful_workers(workers, latents.shape[0], min_rows=1)
+        if chunks > 1 and self.device.type == "cpu":
+            return torch.cat(map_chunks(lambda start, stop: self.decode(latents[start:stop], workers=1),
+                                        latents.shape[0], chunks))
         latents = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
         return self.vae.decode(latents).sample.float().clamp(-1, 1)
 
@@ -469,14 +490,15 @@ class DiffusionModel:
         names = self.adapter_names()
         if name is not None and name not in names:
             raise KeyError(f"No adapter named '{name}' (have: {names}).")
-        if names and self._active_adapter != (name or ""):
-            if name is None:
-                self.unet.disable_adapters()
-            else:
-                if self._active_adapter in ("", None):
-                    self.unet.enable_adapters()
-                self.unet.set_adapter(name)
-            self._active_adapter = name or ""
+        with self._lock:
+            if names and self._active_adapter != (name or ""):
+                if name is None:
+                    self.unet.disable_adapters()
+                else:
+                    if self._active_adapter in ("", None):
+                        self.unet.enable_adapters()
+                    self.unet.set_adapter(name)
+                self._active_adapter = name or ""
         yield
 
     @contextlib.contextmanager
@@ -486,31 +508,46 @@ class DiffusionModel:
         batched matmul, each adapter's low-rank term is added to its rows). Saves the per-call
         adapter switch of :meth:`using_adapter`, which walks every layer.
         """
-        from peft.tuners.lora import LoraLayer
-
         known = set(self.adapter_names())
         missing = sorted({n for n in names if n is not None} - known)
         if missing:
             raise KeyError(f"No adapter named {missing} (have: {sorted(known)}).")
-        if self._active_adapter == "":       # adapters disabled: mixed batches need them enabled
-            self.unet.enable_adapters()
-            self._active_adapter = None
-        rows = ["__base__" if n is None else n for n in names]
-
-        def add_rows(module, args, kwargs):
-            return args, {**kwargs, "adapter_names": rows}
-
-        handles = [module.register_forward_pre_hook(add_rows, with_kwargs=True)
-                   for module in self.unet.modules() if isinstance(module, LoraLayer)]
+        with self._lock:
+            if self._active_adapter == "":   # adapters disabled: mixed batches need them enabled
+                self.unet.enable_adapters()
+                self._active_adapter = None
+            self._install_row_hooks()
+        previous = getattr(self._row_adapters, "rows", None)
+        self._row_adapters.rows = ["__base__" if n is None else n for n in names]
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            self._row_adapters.rows = previous
+
+    def _install_row_hooks(self) -> None:
+        """Give every LoRA layer a pre-hook that passes this thread's per-row adapter names
+        (set by :meth:`using_adapters_per_row`; none set: the call is left as it is)."""
+        from peft.tuners.lora import LoraLayer
+
+        if self._row_hooks:
+            return
+        local = self._row_adapters
+
+        def add_rows(module, args, kwargs):
+            rows = getattr(local, "rows", None)
+            return None if rows is None else (args, {**kwargs, "adapter_names": rows})
+
+        self._row_hooks = [module.register_forward_pre_hook(add_rows, with_kwargs=True)
+                           for module in self.unet.modules() if isinstance(module, LoraLayer)]
 
     def adapters_changed(self) -> None:
-        """Call after adding or deleting adapters on ``unet`` directly: the active one is unknown."""
-        self._active_adapter = None
+        """Call after adding or deleting adapters on ``unet`` directly: the active one is unknown
+        (and new LoRA layers get their per-row hooks on the next mixed batch)."""
+        with self._lock:
+            self._active_adapter = None
+            for handle in self._row_hooks:
+                handle.remove()
+            self._row_hooks = []
 
     def remove_adapter(self, name: str) -> None:
         """Detach LoRA adapter ``name`` if it is attached; the others stay."""
@@ -522,7 +559,7 @@ class DiffusionModel:
         """Detach every LoRA adapter: the UNet is the base model again."""
         for name in self.adapter_names():
             self.unet.delete_adapters(name)
-        self._active_adapter = None
+        self.adapters_changed()
         self.adapter_owner = None
 
 
@@ -593,11 +630,12 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
         module.to(device)
         module.requires_grad_(False)
         module.eval()
+    workers = 1
     if device.type == "cpu":  # the machine's share of CPUs (cgroup quota, affinity), not the host's
         from .threads import apply_threads
-        apply_threads(unet_parameters=sum(p.numel() for p in pipe.unet.parameters()))
+        workers = apply_threads(unet_parameters=sum(p.numel() for p in pipe.unet.parameters())).workers
     return DiffusionModel(
         name=name, vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer, scheduler_config=dict(pipe.scheduler.config),
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, batch_workers=workers,
     )

@@ -7,11 +7,13 @@ Two things decide whether their morphs share the CPU or stall each other:
   host's cores, not a container's share of them. :func:`choose_threads` takes the smallest of
   the CPU affinity mask (``os.sched_getaffinity``) and the cgroup CPU quota (cgroup v2
   ``cpu.max``, v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``, rounded up), unless
-  ``IMPUS_LITE_THREADS`` (or ``OMP_NUM_THREADS``) says otherwise. A small UNet (below
-  :data:`SMALL_UNET_PARAMETERS`, the classroom and tiny models) gets one thread: its layers are
-  too small to split, and with waiting threads asleep the hand-offs cost more than a second
-  core gives (the README morph on a 2-core AMD EPYC: 21.3 s of stages on one thread, 33.0 s on
-  two; ``bench --concurrent``, the results page's "A class on one machine").
+  ``IMPUS_LITE_THREADS`` (or ``OMP_NUM_THREADS``) says otherwise. A large UNet (Stable
+  Diffusion) gets them as torch's intra-op threads. A small UNet (below
+  :data:`SMALL_UNET_PARAMETERS`, the classroom and tiny models) gets one torch thread, since its
+  layers are too small to split (with waiting threads asleep the hand-offs cost more than a
+  second core gives: the README morph on a 2-core AMD EPYC, 21.3 s of stages on one thread,
+  33.0 s on two), and the cores as *batch workers* instead: Python threads that each run a
+  chunk of a render pass's frames on one torch thread (:mod:`impus_lite.workers`).
 * **How threads wait.** OpenMP threads that find no work spin for a while before sleeping
   (``OMP_WAIT_POLICY=ACTIVE``-like defaults). With two processes on two cores, each one's
   spinning threads hold the cores the other needs, and both slow down many times over.
@@ -100,6 +102,7 @@ class ThreadChoice:
             "CPU affinity".
         affinity: CPUs in the affinity mask; quota: the cgroup quota in cores (None: none).
         small_model: the UNet has fewer than :data:`SMALL_UNET_PARAMETERS` parameters.
+        workers: batch workers (:mod:`impus_lite.workers`), each running ``threads`` torch threads.
     """
 
     threads: int
@@ -107,6 +110,7 @@ class ThreadChoice:
     affinity: int
     quota: Optional[float]
     small_model: bool = False
+    workers: int = 1
 
 
 def _positive_int(name: str) -> Optional[int]:
@@ -123,22 +127,38 @@ def _positive_int(name: str) -> Optional[int]:
     return number
 
 
+def machine_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, Optional[float], int]:
+    """(affinity CPUs, cgroup quota in cores or None, the CPUs this process may use: the smaller
+    of the affinity mask and the quota rounded up, at least 1)."""
+    affinity, quota = affinity_cpus(), cgroup_cpu_limit(cgroup_root)
+    usable = affinity if quota is None else max(1, min(affinity, math.ceil(quota)))
+    return affinity, quota, usable
+
+
 def choose_threads(cgroup_root: Path = Path("/sys/fs/cgroup"),
                    unet_parameters: Optional[int] = None) -> ThreadChoice:
-    """``IMPUS_LITE_THREADS`` if set, else ``OMP_NUM_THREADS`` if set, else one thread for a UNet
-    of fewer than :data:`SMALL_UNET_PARAMETERS` parameters, else the smaller of the affinity
-    mask and the cgroup quota rounded up (at least 1)."""
-    affinity, quota = affinity_cpus(), cgroup_cpu_limit(cgroup_root)
+    """How many CPU threads, and in what form, for a UNet of ``unet_parameters`` parameters.
+
+    The CPUs to use: ``IMPUS_LITE_THREADS`` if set, else the smaller of the affinity mask and
+    the cgroup quota rounded up. A UNet of fewer than :data:`SMALL_UNET_PARAMETERS` parameters
+    gets them as batch workers of one torch thread each, a larger one (or an unknown one) as
+    torch's intra-op threads. ``OMP_NUM_THREADS``, when set and ``IMPUS_LITE_THREADS`` is not,
+    is taken as the intra-op thread count, with one worker.
+    """
+    affinity, quota, usable = machine_cpus(cgroup_root)
     small = unet_parameters is not None and unet_parameters < SMALL_UNET_PARAMETERS
-    for name in (THREADS_VARIABLE, "OMP_NUM_THREADS"):
-        given = _positive_int(name)
-        if given is not None:
-            return ThreadChoice(given, name, affinity, quota, small)
+    given = _positive_int(THREADS_VARIABLE)
+    if given is None and _positive_int("OMP_NUM_THREADS") is not None:
+        return ThreadChoice(_positive_int("OMP_NUM_THREADS"), "OMP_NUM_THREADS", affinity, quota, small)
+    if given is not None:
+        source, cpus = THREADS_VARIABLE, given
+    elif quota is not None and usable < affinity:
+        source, cpus = "cgroup quota", usable
+    else:
+        source, cpus = "CPU affinity", usable
     if small:
-        return ThreadChoice(1, "small model", affinity, quota, small)
-    if quota is not None and math.ceil(quota) < affinity:
-        return ThreadChoice(max(1, math.ceil(quota)), "cgroup quota", affinity, quota)
-    return ThreadChoice(affinity, "CPU affinity", affinity, quota)
+        return ThreadChoice(1, "small model" if given is None else source, affinity, quota, True, cpus)
+    return ThreadChoice(cpus, source, affinity, quota)
 
 
 def apply_threads(choice: Optional[ThreadChoice] = None, unet_parameters: Optional[int] = None) -> ThreadChoice:
@@ -167,8 +187,10 @@ def thread_report() -> dict:
 def thread_line(report: Optional[dict] = None) -> str:
     """One sentence for the CLI and the notebooks' runtime cell."""
     r = report or thread_report()
-    count = r["torch_threads"]
-    line = f"CPU: {count} torch thread{'s' if count != 1 else ''} ({r['source']}; {r['affinity']} CPUs"
+    count, workers = r["torch_threads"], r.get("workers", 1)
+    line = f"CPU: {count} torch thread{'s' if count != 1 else ''}"
+    line += f" in each of {workers} batch workers" if workers > 1 else ""
+    line += f" ({r['source']}; {r['affinity']} CPUs"
     line += f", quota {r['quota']:g} cores)" if r["quota"] is not None else ")"
     if r["wait_policy_set_by"] == "too late":
         return (line + "; torch was imported before impus_lite, so waiting threads may spin: on a "
@@ -177,6 +199,6 @@ def thread_line(report: Optional[dict] = None) -> str:
     line += f"; waiting threads {'sleep' if sleeping else 'follow ' + r['omp_wait_policy']}."
     if sleeping and count > 1 and r.get("small_model"):
         line += (" Sleeping threads make a small model slower than one thread (the README morph on 2 cores: "
-                 "33 s against 21 s of stages); on a machine of your own, OMP_WAIT_POLICY=ACTIVE makes "
-                 "them faster, on a shared one it stalls the others.")
+                 "33 s against 21 s of stages); IMPUS_LITE_THREADS instead of OMP_NUM_THREADS runs "
+                 "that many batch workers of one torch thread each.")
     return line

@@ -350,14 +350,20 @@ def test_frames_per_call_follows_batch_size_or_the_latent_size():
         MorphConfig.preset("fast", batch_size=0)
 
 
-def test_a_render_pass_of_small_latents_is_one_unet_call_per_step(tiny_model, image_pair, lpips_random):
+def test_a_render_pass_of_small_latents_is_one_unet_call_per_step(tiny_model, image_pair, lpips_random, monkeypatch):
+    from impus_lite import inversion
+    monkeypatch.setattr(inversion, "free_workers", lambda workers: workers)   # not the machine's load
+    monkeypatch.setattr(tiny_model, "batch_workers", 1)
     frames = {}
-    for batch_size, calls_per_step in ((None, 1), (2, 3)):
+    for batch_size, workers, calls_per_step in ((None, 1, 1), (2, 1, 3), (None, 2, 2)):
+        tiny_model.batch_workers = workers
         m = Morpher(tiny_model, *image_pair, "a photo", TINY_CONFIG.replace(lora_rank=2, batch_size=batch_size),
                     lpips=lpips_random, progress=False)
         m.codes()                                      # train and invert first: count the render alone
         calls = tiny_model.unet_calls
-        frames[batch_size] = m.render([0.0, 0.25, 0.5, 0.75, 1.0])
-        # both guidance branches run in one call: one call per DDIM step and batch of frames
+        frames[batch_size, workers] = m.render([0.0, 0.25, 0.5, 0.75, 1.0])
+        # both guidance branches run in one call: one call per DDIM step, batch of frames and
+        # worker (two workers: frames 0-2 and 3-4 at once)
         assert tiny_model.unet_calls - calls == calls_per_step * TINY_CONFIG.sample_steps
-    assert torch.allclose(frames[None], frames[2], atol=1e-4)
+    assert torch.allclose(frames[None, 1], frames[2, 1], atol=1e-4)
+    assert torch.allclose(frames[None, 1], frames[None, 2], atol=1e-4)

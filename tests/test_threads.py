@@ -39,14 +39,18 @@ def test_the_quota_caps_the_threads_and_the_variables_override_it(tmp_path, monk
     _cgroup_v2(root, "150000 100000")                        # 1.5 cores of a 64-core host
     choice = threads.choose_threads(root)
     assert (choice.threads, choice.source, choice.affinity, choice.quota) == (2, "cgroup quota", 64, 1.5)
+    small = threads.choose_threads(root, unet_parameters=12_000_000)   # the quota's 2 CPUs as workers
+    assert (small.threads, small.workers, small.small_model) == (1, 2, True)
     _cgroup_v2(root, "max 100000")
     assert threads.choose_threads(root) == threads.ThreadChoice(64, "CPU affinity", 64, None)
-    assert threads.choose_threads(root, unet_parameters=12_000_000) == threads.ThreadChoice(1, "small model", 64, None, True)
+    assert threads.choose_threads(root, unet_parameters=12_000_000) == threads.ThreadChoice(1, "small model", 64, None, True, 64)
     assert threads.choose_threads(root, unet_parameters=860_000_000).threads == 64
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")                 # OpenMP's own variable: intra-op threads
     assert threads.choose_threads(root).threads == 3
+    assert threads.choose_threads(root, unet_parameters=12_000_000) == threads.ThreadChoice(3, "OMP_NUM_THREADS", 64, None, True, 1)
     monkeypatch.setenv("IMPUS_LITE_THREADS", "5")
     assert threads.choose_threads(root) == threads.ThreadChoice(5, "IMPUS_LITE_THREADS", 64, None)
+    assert threads.choose_threads(root, unet_parameters=12_000_000) == threads.ThreadChoice(1, "IMPUS_LITE_THREADS", 64, None, True, 5)
     monkeypatch.setenv("IMPUS_LITE_THREADS", "many")
     with pytest.raises(InputError, match="IMPUS_LITE_THREADS must be a whole number"):
         threads.choose_threads(root)
@@ -73,9 +77,10 @@ def test_importing_impus_lite_first_makes_waiting_threads_sleep():
 
 def test_loading_a_cpu_model_applies_the_choice():
     code = ("import json, torch, impus_lite\ntorch.set_num_threads(1)\n"
-            "impus_lite.load_model('tiny', device='cpu')\n"
-            "print(json.dumps({'threads': torch.get_num_threads()}))")
-    assert _run(code, IMPUS_LITE_THREADS="2")["threads"] == 2
+            "m = impus_lite.load_model('tiny', device='cpu')\n"
+            "print(json.dumps({'threads': torch.get_num_threads(), 'workers': m.batch_workers}))")
+    assert _run(code, IMPUS_LITE_THREADS="3") == {"threads": 1, "workers": 3}   # small: 3 workers
+    assert _run(code, OMP_NUM_THREADS="2") == {"threads": 2, "workers": 1}
     small = ("import json, torch, impus_lite\nfrom impus_lite.threads import thread_report\n"
              "impus_lite.load_model('tiny', device='cpu')\nprint(json.dumps(thread_report()))")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -106,7 +111,8 @@ def test_the_load_test_compares_n_morphs_with_n_times_one(monkeypatch, tmp_path)
 
 
 def test_the_thread_line_warns_when_sleeping_threads_split_a_small_model(monkeypatch):
-    monkeypatch.setenv("IMPUS_LITE_THREADS", "2")
+    monkeypatch.delenv("IMPUS_LITE_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     small = threads.choose_threads(unet_parameters=5_000_000)
     large = threads.choose_threads(unet_parameters=860_000_000)
     assert (small.threads, small.small_model) == (2, True) and (large.threads, large.small_model) == (2, False)
@@ -117,6 +123,8 @@ def test_the_thread_line_warns_when_sleeping_threads_split_a_small_model(monkeyp
     assert warning not in threads.thread_line({**report, **dataclasses.asdict(large)})
     spinning = {**report, **dataclasses.asdict(small), "omp_wait_policy": "ACTIVE", "wait_policy_set_by": "environment"}
     assert warning not in threads.thread_line(spinning)
-    monkeypatch.delenv("IMPUS_LITE_THREADS")
-    assert warning not in threads.thread_line({**report, **dataclasses.asdict(
-        threads.choose_threads(unet_parameters=5_000_000)), "torch_threads": 1})
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("IMPUS_LITE_THREADS", "2")
+    workers = threads.choose_threads(unet_parameters=5_000_000)
+    line = threads.thread_line({**report, **dataclasses.asdict(workers), "torch_threads": 1})
+    assert warning not in line and "1 torch thread in each of 2 batch workers" in line
