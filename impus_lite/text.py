@@ -128,14 +128,14 @@ def optimize_embeddings(model: DiffusionModel, latents: torch.Tensor, embedding:
         def optimize_rows(start: int, stop: int) -> list[OptimizedEmbedding]:
             with torch.enable_grad():
                 return _optimize_in_one_thread(model, latents[start:stop], embedding, steps, lr,
-                                                 seeds[start:stop], progress and start == 0, desc)
+                                               seeds[start:stop], progress and start == 0, desc)
         return [result for part in map_chunks(optimize_rows, count, chunks) for result in part]
     return _optimize_in_one_thread(model, latents, embedding, steps, lr, seeds, progress, desc)
 
 
 def _optimize_in_one_thread(model: DiffusionModel, latents: torch.Tensor, embedding: torch.Tensor,
-                              steps: int, lr: float, seeds: Sequence[int], progress: bool,
-                              desc: str) -> list[OptimizedEmbedding]:
+                            steps: int, lr: float, seeds: Sequence[int], progress: bool,
+                            desc: str) -> list[OptimizedEmbedding]:
     """:func:`optimize_embeddings` of every image in this thread, in one batched UNet call per step."""
     count = latents.shape[0]
     param = torch.nn.Parameter(embedding.detach().float().expand(count, -1, -1).clone())
