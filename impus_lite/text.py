@@ -153,5 +153,6 @@ def _optimize_in_one_thread(model: DiffusionModel, latents: torch.Tensor, embedd
                 scaler.update()
                 for i, value in enumerate(per_image.detach().tolist()):
                     losses[i].append(value)
-    final = param.detach().clone()
-    return [OptimizedEmbedding(final[i:i + 1], losses[i]) for i in range(count)]
+    final = param.detach()
+    # each its own copy: a row of the batch would carry the whole batch into torch.save
+    return [OptimizedEmbedding(final[i:i + 1].clone(), losses[i]) for i in range(count)]

@@ -63,8 +63,11 @@ def test_batched_optimisation_gives_each_image_its_own_result(tiny_model):
     start = encode_prompt(tiny_model, "a photo")
     alone = [optimize_embedding(tiny_model, latents[i:i + 1], start, 4, 0.01, seed=7 + i, progress=False)
              for i in range(2)]
-    together = optimize_embeddings(tiny_model, latents, start, 4, 0.01, seeds=[7, 8], progress=False)
+    together = optimize_embeddings(tiny_model, latents, start, 4, 0.01, seeds=[7, 8], progress=False,
+                                   workers=1)                     # one batched call per step
     for a, b in zip(alone, together):
         assert torch.allclose(a.embedding, b.embedding, atol=1e-5)
         assert np.allclose(a.losses, b.losses, rtol=1e-5)
+        # its own storage, one row: saving it does not write the other image's embedding too
+        assert b.embedding.untyped_storage().nbytes() == b.embedding.numel() * b.embedding.element_size()
     assert not torch.allclose(together[0].embedding, together[1].embedding)
