@@ -148,8 +148,9 @@ def choose_threads(cgroup_root: Path = Path("/sys/fs/cgroup"),
     affinity, quota, usable = machine_cpus(cgroup_root)
     small = unet_parameters is not None and unet_parameters < SMALL_UNET_PARAMETERS
     given = _positive_int(THREADS_VARIABLE)
-    if given is None and _positive_int("OMP_NUM_THREADS") is not None:
-        return ThreadChoice(_positive_int("OMP_NUM_THREADS"), "OMP_NUM_THREADS", affinity, quota, small)
+    openmp = _positive_int("OMP_NUM_THREADS") if given is None else None
+    if openmp is not None:
+        return ThreadChoice(openmp, "OMP_NUM_THREADS", affinity, quota, small)
     if given is not None:
         source, cpus = THREADS_VARIABLE, given
     elif quota is not None and usable < affinity:
