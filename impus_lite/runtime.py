@@ -47,9 +47,9 @@ def gpu_report() -> str:
                 "morphs run here.")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "Apple GPU (MPS) found; Stable Diffusion runs, slowly; the classroom model is quick."
-    from .threads import thread_line
+    from .threads import planned_thread_line
     return ("No GPU: the notebooks use the small classroom model (in full and in smoke mode); for "
-            "Stable Diffusion open them on Colab with a GPU runtime.\n" + thread_line())
+            "Stable Diffusion open them on Colab with a GPU runtime.\n" + planned_thread_line(small_model=True))
 
 
 #: Environment variable that overrides the model every notebook loads (see notebook_model_name).

@@ -185,6 +185,16 @@ def thread_report() -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "wait_policy_set_by": state}
 
 
+def planned_thread_line(small_model: bool) -> str:
+    """:func:`thread_line` for the threads a model will get once loaded, before one is: what
+    :func:`choose_threads` gives a small UNet (the classroom and tiny models) or a large one.
+    Once a model has been loaded (:func:`apply_threads`), the line of the threads it got."""
+    if _APPLIED["choice"] is not None:
+        return thread_line()
+    choice = choose_threads(unet_parameters=0 if small_model else None)
+    return thread_line({**thread_report(), **asdict(choice), "torch_threads": choice.threads})
+
+
 def thread_line(report: Optional[dict] = None) -> str:
     """One sentence for the CLI and the notebooks' runtime cell."""
     r = report or thread_report()

@@ -128,3 +128,22 @@ def test_the_thread_line_warns_when_sleeping_threads_split_a_small_model(monkeyp
     workers = threads.choose_threads(unet_parameters=5_000_000)
     line = threads.thread_line({**report, **dataclasses.asdict(workers), "torch_threads": 1})
     assert warning not in line and "1 torch thread in each of 2 batch workers" in line
+
+
+def test_the_runtime_cell_says_what_the_classroom_model_will_run_with_before_it_loads(monkeypatch):
+    monkeypatch.delenv("IMPUS_LITE_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda root=None: None)
+    monkeypatch.setitem(threads._APPLIED, "choice", None)
+    small, large = threads.planned_thread_line(small_model=True), threads.planned_thread_line(small_model=False)
+    assert small.startswith("CPU: 1 torch thread in each of 2 batch workers (small model; 2 CPUs)")
+    assert large.startswith("CPU: 2 torch threads (CPU affinity; 2 CPUs)")
+    from impus_lite import runtime
+    if not runtime.torch.cuda.is_available():
+        assert small in runtime.gpu_report()
+    applied = threads.ThreadChoice(3, "IMPUS_LITE_THREADS", 2, None)   # once a model has loaded: its threads
+    monkeypatch.setitem(threads._APPLIED, "choice", applied)
+    monkeypatch.setattr(threads, "thread_report", lambda: {"torch_threads": 3, **dataclasses.asdict(applied),
+                                                           "omp_wait_policy": "PASSIVE", "wait_policy_set_by": "impus_lite"})
+    assert threads.planned_thread_line(small_model=True).startswith("CPU: 3 torch threads (IMPUS_LITE_THREADS; 2 CPUs)")
