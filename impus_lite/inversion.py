@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -135,18 +135,17 @@ def ddim_sample(model: DiffusionModel, codes: torch.Tensor, cond: torch.Tensor, 
     batch = codes.shape[0]
     cond = _expand(cond, batch)
     w = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(batch).clone()
-    rows_per_code = 1 if torch.all(w == 1) else 2
-    chunks = useful_workers(free_workers(model.batch_workers) if workers is None else workers, batch, rows_per_code)
-    if chunks > 1 and model.device.type == "cpu" and _plain_attention(model):
-        uncond_rows = _expand(uncond, batch) if uncond.shape[0] == batch else None
+    uncond_rows = _expand(uncond, batch) if uncond.shape[0] == batch else None
 
-        def sample_rows(start: int, stop: int) -> torch.Tensor:
-            return ddim_sample(model, codes[start:stop], cond[start:stop],
-                               uncond if uncond_rows is None else uncond_rows[start:stop], w[start:stop],
-                               steps, cond_adapter, uncond_adapter, progress and start == 0, desc,
-                               timestep_spacing, workers=1)
+    def sample_rows(start: int, stop: int) -> torch.Tensor:
+        return ddim_sample(model, codes[start:stop], cond[start:stop],
+                           uncond if uncond_rows is None else uncond_rows[start:stop], w[start:stop],
+                           steps, cond_adapter, uncond_adapter, progress and start == 0, desc,
+                           timestep_spacing, workers=1)
 
-        return torch.cat(map_chunks(sample_rows, batch, chunks))
+    split = in_worker_chunks(model, batch, 1 if torch.all(w == 1) else 2, workers, sample_rows)
+    if split is not None:
+        return split
     scheduler = model.ddim_scheduler(timestep_spacing)
     scheduler.set_timesteps(steps, device=model.device)
     z = codes.detach().float().to(model.device)
@@ -154,6 +153,24 @@ def ddim_sample(model: DiffusionModel, codes: torch.Tensor, cond: torch.Tensor, 
         eps = guidance_noise(model, z, t, cond, uncond, w, cond_adapter, uncond_adapter)
         z = scheduler.step(eps, t, z).prev_sample.float()
     return z
+
+
+def in_worker_chunks(model: DiffusionModel, batch: int, rows_per_item: int, workers: Optional[int],
+                     run_rows: Callable[[int, int], torch.Tensor]) -> Optional[torch.Tensor]:
+    """A batch of ``batch`` independent trajectories run as contiguous chunks in batch workers.
+
+    ``run_rows(start, stop)`` computes items ``start:stop`` alone (on one worker); their outputs
+    are concatenated along dim 0. ``rows_per_item`` is how many UNet rows an item takes (2 with
+    both guidance branches); a chunk keeps at least ``workers.MIN_ROWS_PER_WORKER`` rows.
+    ``workers`` None: ``model.batch_workers`` as far as CPUs are idle
+    (:func:`impus_lite.workers.free_workers`). Returns None, for the caller to run the batch
+    whole, when one chunk is all it gets, off the CPU, or when the UNet runs attention processors
+    other than diffusers' own (a method's processors may hold state across rows).
+    """
+    chunks = useful_workers(free_workers(model.batch_workers) if workers is None else workers, batch, rows_per_item)
+    if chunks > 1 and model.device.type == "cpu" and _plain_attention(model):
+        return torch.cat(map_chunks(run_rows, batch, chunks))
+    return None
 
 
 def _plain_attention(model: DiffusionModel) -> bool:

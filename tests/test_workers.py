@@ -110,6 +110,33 @@ def test_a_methods_own_attention_processors_keep_the_batch_whole(tiny_model):
         tiny_model.unet.set_attn_processor(previous)
 
 
+def test_diff_interp_candidates_split_among_workers_match_one_batch(tiny_model):
+    from impus_lite.methods.wang_golland import denoise_tail
+
+    side = tiny_model.resolution // tiny_model.vae_scale_factor
+    noisy = torch.randn(6, tiny_model.latent_channels, side, side, generator=torch.Generator().manual_seed(5))
+    cond = encode_prompt(tiny_model, "a photo").expand(6, -1, -1) + 0.1 * torch.arange(6).view(-1, 1, 1)
+    uncond = unconditional_embedding(tiny_model)
+
+    def tail(count, guidance):
+        evals, calls = tiny_model.unet_evals, tiny_model.unet_calls
+        idents, handle = _frame_threads(tiny_model)
+        try:
+            out = denoise_tail(tiny_model, noisy, cond, uncond, guidance, 8, 3, None, workers=count)
+        finally:
+            handle.remove()
+        return out, tiny_model.unet_evals - evals, tiny_model.unet_calls - calls, len(idents)
+
+    one, evals_one, calls_one, threads_one = tail(1, 7.5)
+    two, evals_two, calls_two, threads_two = tail(2, 7.5)
+    assert (evals_one, calls_one, threads_one) == (36, 3, 1)           # 6 candidates x 2 branches x 3 steps
+    assert (evals_two, calls_two, threads_two) == (36, 6, 2)           # chunks of 3 candidates
+    assert torch.allclose(one, two, atol=1e-5)
+    unguided = tail(3, 1.0)                                             # one branch: 2 rows per chunk
+    assert unguided[1:] == (18, 9, 3)
+    assert not torch.allclose(unguided[0], one, atol=1e-3)
+
+
 def test_decoding_split_among_workers_matches_one_batch(tiny_model):
     side = tiny_model.resolution // tiny_model.vae_scale_factor
     latents = torch.randn(3, tiny_model.latent_channels, side, side, generator=torch.Generator().manual_seed(4))

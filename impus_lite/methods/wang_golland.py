@@ -115,7 +115,7 @@ from tqdm.auto import tqdm
 from ..cache import stage_key
 from ..errors import InputError
 from ..interp import slerp
-from ..inversion import guidance_noise
+from ..inversion import guidance_noise, in_worker_chunks
 from ..precision import loss_scaler
 from ..schedules import FrameCache, fixed_schedule
 from ..text import encode_prompt, optimize_embedding
@@ -413,9 +413,19 @@ def _frame_generator(seed: int, alpha: float) -> torch.Generator:
 
 
 def denoise_tail(model, noisy: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                 guidance: float, steps: int, n: int, spacing: Optional[str]) -> torch.Tensor:
+                 guidance: float, steps: int, n: int, spacing: Optional[str],
+                 workers: Optional[int] = None) -> torch.Tensor:
     """The last ``n`` steps of a ``steps``-step DDIM grid (eta = 0) with guidance, from latents
-    (B, 4, h, w) noised to the first of them; cond (B, L, D), uncond (1, L, D)."""
+    (B, 4, h, w) noised to the first of them; cond (B, L, D), uncond (1, L, D).
+
+    Each row is its own trajectory, so on a CPU the rows run in batch workers
+    (:func:`impus_lite.inversion.in_worker_chunks`; ``workers`` None: the model's, as far as
+    CPUs are idle); the result agrees with one batch's to float rounding."""
+    split = in_worker_chunks(model, noisy.shape[0], 1 if guidance == 1 else 2, workers,
+                             lambda start, stop: denoise_tail(model, noisy[start:stop], cond[start:stop], uncond,
+                                                              guidance, steps, n, spacing, workers=1))
+    if split is not None:
+        return split
     scheduler = model.ddim_scheduler(spacing)
     scheduler.set_timesteps(steps, device=model.device)
     z = noisy.float().to(model.device)
