@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import DiffusionModel
-from .workers import free_workers, map_chunks, useful_workers
+from .workers import map_chunks
 
 
 def _unet(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
@@ -163,12 +163,12 @@ def in_worker_chunks(model: DiffusionModel, batch: int, rows_per_item: int, work
     are concatenated along dim 0. ``rows_per_item`` is how many UNet rows an item takes (2 with
     both guidance branches); a chunk keeps at least ``workers.MIN_ROWS_PER_WORKER`` rows.
     ``workers`` None: ``model.batch_workers`` as far as CPUs are idle
-    (:func:`impus_lite.workers.free_workers`). Returns None, for the caller to run the batch
+    (:meth:`DiffusionModel.worker_chunks`). Returns None, for the caller to run the batch
     whole, when one chunk is all it gets, off the CPU, or when the UNet runs attention processors
     other than diffusers' own (a method's processors may hold state across rows).
     """
-    chunks = useful_workers(free_workers(model.batch_workers) if workers is None else workers, batch, rows_per_item)
-    if chunks > 1 and model.device.type == "cpu" and _plain_attention(model):
+    chunks = model.worker_chunks(batch, rows_per_item, workers)
+    if chunks > 1 and _plain_attention(model):
         return torch.cat(map_chunks(run_rows, batch, chunks))
     return None
 

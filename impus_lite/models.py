@@ -31,7 +31,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .errors import InputError, ModelLoadError
-from .workers import free_workers, map_chunks, useful_workers
+from .workers import MIN_ROWS_PER_WORKER, free_workers, map_chunks, useful_workers
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUILTIN_MODELS = ("tiny", "classroom", "sd15-random", "sd21-random")
@@ -454,15 +454,25 @@ class DiffusionModel:
         latents = self.vae.encode(images).latent_dist.mean
         return latents.float() * self.vae.config.scaling_factor
 
+    def worker_chunks(self, items: int, rows_per_item: int = 1, workers: Optional[int] = None,
+                      min_rows: int = MIN_ROWS_PER_WORKER) -> int:
+        """Into how many chunks a call splits ``items`` independent items of ``rows_per_item``
+        rows each, one chunk per batch worker (:func:`impus_lite.workers.map_chunks`): 1 off the
+        CPU; else ``workers`` (None: :attr:`batch_workers` as far as CPUs are idle,
+        :func:`impus_lite.workers.free_workers`), as far as every chunk keeps ``min_rows`` rows."""
+        if self.device.type != "cpu":
+            return 1
+        available = free_workers(self.batch_workers) if workers is None else workers
+        return useful_workers(available, items, rows_per_item, min_rows)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, workers: Optional[int] = None) -> torch.Tensor:
         """Latents (B, 4, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (float32, clamped).
 
         On a CPU the rows are split among ``workers`` threads (None: :attr:`batch_workers` as far
         as CPUs are idle; :mod:`impus_lite.workers`); each image is decoded on its own either way."""
-        workers = free_workers(self.batch_workers) if workers is None else workers
-        chunks = useful_workers(workers, latents.shape[0], min_rows=1)
-        if chunks > 1 and self.device.type == "cpu":
+        chunks = self.worker_chunks(latents.shape[0], workers=workers, min_rows=1)
+        if chunks > 1:
             return torch.cat(map_chunks(lambda start, stop: self.decode(latents[start:stop], workers=1),
                                         latents.shape[0], chunks))
         latents = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor

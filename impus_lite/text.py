@@ -22,7 +22,7 @@ from .errors import InputError
 from .models import DiffusionModel
 from .precision import adam_optimizer, loss_scaler
 from .runtime import trains_images_together
-from .workers import free_workers, map_chunks, useful_workers
+from .workers import map_chunks
 
 
 def check_prompt_not_empty(prompt: str) -> None:
@@ -122,8 +122,7 @@ def optimize_embeddings(model: DiffusionModel, latents: torch.Tensor, embedding:
     if count > 1 and not trains_images_together(latents):  # bound the memory: one at a time
         return [optimize_embeddings(model, latents[i:i + 1], embedding, steps, lr, [seeds[i]],
                                     progress, f"{desc} {i}")[0] for i in range(count)]
-    workers = free_workers(model.batch_workers) if workers is None else workers
-    chunks = useful_workers(workers, count, min_rows=1) if model.device.type == "cpu" else 1
+    chunks = model.worker_chunks(count, workers=workers, min_rows=1)
     if chunks > 1 and steps > 0:  # independent problems: one chunk of images per CPU worker
         def optimize_rows(start: int, stop: int) -> list[OptimizedEmbedding]:
             with torch.enable_grad():

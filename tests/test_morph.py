@@ -351,8 +351,8 @@ def test_frames_per_call_follows_batch_size_or_the_latent_size():
 
 
 def test_a_render_pass_of_small_latents_is_one_unet_call_per_step(tiny_model, image_pair, lpips_random, monkeypatch):
-    from impus_lite import inversion
-    monkeypatch.setattr(inversion, "free_workers", lambda workers: workers)   # not the machine's load
+    from impus_lite import models
+    monkeypatch.setattr(models, "free_workers", lambda workers: workers)   # not the machine's load
     monkeypatch.setattr(tiny_model, "batch_workers", 1)
     frames = {}
     for batch_size, workers, calls_per_step in ((None, 1, 1), (2, 1, 3), (None, 2, 2)):
