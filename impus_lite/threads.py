@@ -174,12 +174,13 @@ def apply_threads(choice: Optional[ThreadChoice] = None, unet_parameters: Option
     return choice
 
 
-def thread_report() -> dict:
-    """What a result records: torch's threads now, the choice behind them, and the OpenMP wait
-    policy (value and who set it; "too late" means torch loaded before impus_lite could)."""
+def thread_report(choice: Optional[ThreadChoice] = None) -> dict:
+    """What a result records: torch's threads now, the choice behind them (``choice``, else the
+    one applied, else :func:`choose_threads`'s), and the OpenMP wait policy (value and who set
+    it; "too late" means torch loaded before impus_lite could)."""
     import torch
 
-    choice = _APPLIED["choice"] or choose_threads()
+    choice = choice or _APPLIED["choice"] or choose_threads()
     state = _WAIT_POLICY_STATE["set_by"] or prepare_environment()
     return {"torch_threads": torch.get_num_threads(), **asdict(choice),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "wait_policy_set_by": state}
@@ -192,7 +193,7 @@ def planned_thread_line(small_model: bool) -> str:
     if _APPLIED["choice"] is not None:
         return thread_line()
     choice = choose_threads(unet_parameters=0 if small_model else None)
-    return thread_line({**thread_report(), **asdict(choice), "torch_threads": choice.threads})
+    return thread_line({**thread_report(choice), "torch_threads": choice.threads})
 
 
 def thread_line(report: Optional[dict] = None) -> str:

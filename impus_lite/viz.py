@@ -128,7 +128,9 @@ def save_all(result, out_dir: Union[str, Path], fps: float = 8.0) -> dict[str, P
 
 def plot_distances(alphas: Sequence[float], distances: Sequence[float], step: Optional[float] = None,
                    ax=None, label: Optional[str] = None):
-    """Consecutive distances against the alpha where each step starts (matplotlib)."""
+    """Consecutive distances ``d_k`` (K - 1 of them) against the middle of each step's alphas,
+    ``(alphas[k] + alphas[k + 1]) / 2`` (matplotlib): the sum of the points is the path's length
+    (PPL as a sum of steps), not the area under the line."""
     import matplotlib.pyplot as plt
 
     ax = ax or plt.gca()
