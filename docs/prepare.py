@@ -275,11 +275,12 @@ def course_map(paths) -> str:
 
 # ---- the API reference ----------------------------------------------------------------------
 
-FAMILIES = ("methods", "metrics", "classroom")
+FAMILIES = ("methods", "metrics", "checks", "classroom")
 API_GROUPS = [
     ("Stage modules and tools", lambda m: m.count(".") == 1 and m.split(".")[1] not in FAMILIES),
     ("Methods: IMPUS and its neighbours", lambda m: m.split(".")[1:2] == ["methods"]),
     ("Metrics: the published conventions", lambda m: m.split(".")[1:2] == ["metrics"]),
+    ("Exercise checks: what the lessons' exercises are checked against", lambda m: m.split(".")[1:2] == ["checks"]),
     ("The classroom model", lambda m: m.split(".")[1:2] == ["classroom"]),
 ]
 

@@ -152,6 +152,21 @@ def test_notebook_states_runtime_and_ends_with_further_reading(path):
 
 
 @pytest.mark.parametrize("path", [notebook_param(p) for p in NOTEBOOKS])
+def test_the_course_map_reads_each_lessons_goals_as_a_list(path):
+    goals = site_prepare().lesson_facts(path)["goals"]
+    assert len(goals) >= 3, (f"{path.name}: the course map found {len(goals)} goals; write them as a "
+                             "'**You will learn to**' cell with one '- ' line per goal")
+    assert all(len(g) >= 15 and "\n" not in g for g in goals), goals
+
+
+def test_the_api_page_documents_every_module():
+    prepare = site_prepare()
+    page = prepare.api_page()
+    missing = [m for m in prepare.modules() if m != "impus_lite" and f".. automodule:: {m}\n" not in page]
+    assert not missing, f"modules in no section of the API reference: {missing}"
+
+
+@pytest.mark.parametrize("path", [notebook_param(p) for p in NOTEBOOKS])
 def test_notebook_and_its_solutions_execute_in_smoke_mode_with_their_figures(path, monkeypatch):
     from nbclient import NotebookClient
 
