@@ -90,7 +90,9 @@ def guidance_noise(model: DiffusionModel, z: torch.Tensor, t: torch.Tensor, cond
 
     Both branches run as one batched UNet call of 2B latents, each row through its branch's
     adapter (:meth:`DiffusionModel.using_adapters_per_row` when the adapters differ); when every
-    ``w`` is 1 the unconditional branch is skipped.
+    ``w`` is 1 the unconditional branch is skipped. Where the two adapters differ, the rows name
+    their adapter (per thread) in that case too, never switching the model's adapter: batch
+    workers may run this at once on chunks of one batch, some with every ``w`` 1 and some not.
 
     Args:
         z: (B, 4, h, w); cond: (B, L, D); uncond: (1 or B, L, D); guidance: (B,) float32.
@@ -98,7 +100,10 @@ def guidance_noise(model: DiffusionModel, z: torch.Tensor, t: torch.Tensor, cond
     batch = z.shape[0]
     uncond = _expand(uncond, batch)
     if torch.all(guidance == 1):
-        return _unet(model, z, t, cond, cond_adapter)
+        if cond_adapter == uncond_adapter:
+            return _unet(model, z, t, cond, cond_adapter)
+        with model.using_adapters_per_row([cond_adapter] * batch):
+            return _unet(model, z, t, cond, None, switch=False)
     if cond_adapter == uncond_adapter:
         both = _unet(model, torch.cat([z, z]), t, torch.cat([cond, uncond]), cond_adapter)
     else:

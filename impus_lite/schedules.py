@@ -167,7 +167,7 @@ def perceptual_search(cache: FrameCache, distance: Distance, step: float, tol: f
                 lo = grid[-1]
         alphas.append(best_alpha)
         current = cache.get([best_alpha])
-    if len(alphas) >= max_frames - 1:
+    if len(alphas) >= max_frames - 1 and float(distance(current, end)[0]) > step:
         notes.append(f"stopped at max_frames={max_frames} before reaching the end frame")
         if warn:
             warnings.warn(f"The alpha search stopped at {max_frames} frames: raise max_frames or the step.")

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,31 @@ def test_lerp_values_and_float_alpha_shape():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="one shape"):
         slerp(torch.zeros(3), torch.zeros(4), 0.5)
+
+
+@pytest.mark.parametrize("gap", [1e-3, 1e-6, 1e-9])
+def test_nearly_opposite_codes_keep_their_norm_and_ends(gap):
+    # float64 unit vectors: near opposition slerp amplifies any difference of the two norms by
+    # about 1 / gap, so the norms must be equal to float64 precision for this check
+    x0 = unit(7, (4, 16, 16))
+    x1 = -x0 + gap * unit(8, (4, 16, 16))                             # cos theta rounds to -1 below 1e-8
+    x1 = x1 / x1.norm()
+    out = slerp(x0, x1, [0.0, 0.25, 0.5, 0.75, 1.0])
+    norms = out.flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.ones(5, dtype=torch.float64), atol=1e-6), norms
+    assert torch.allclose(out[0], x0, atol=1e-9) and torch.allclose(out[-1], x1, atol=1e-9)
+    quarter = torch.arccos((out[1] * x0).sum() / (out[1].norm() * x0.norm()))
+    assert quarter.item() == pytest.approx(math.pi / 4, rel=1e-3)              # a quarter of a half turn
+
+
+def test_exactly_opposite_vectors_are_a_clear_error():
+    x0 = unit(9)
+    with pytest.raises(ValueError, match="opposite"):
+        slerp(x0, -3 * x0, 0.5)
+
+
+@pytest.mark.parametrize("alpha", [0.25, np.float32(0.25), np.float64(0.25), torch.tensor(0.25)])
+def test_any_single_alpha_returns_the_shape_of_the_inputs(alpha):
+    x0, x1 = unit(10, (4, 8, 8)), unit(11, (4, 8, 8))
+    assert slerp(x0, x1, alpha).shape == (4, 8, 8)
+    assert lerp(x0, x1, alpha).shape == (4, 8, 8)

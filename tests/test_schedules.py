@@ -169,3 +169,11 @@ def test_max_frames_stops_a_search_that_cannot_finish():
     with pytest.warns(UserWarning, match="max_frames"):
         s = perceptual_search(FrameCache(render), distance, 0.01, tol=0.001, max_frames=5)
     assert len(s.alphas) == 5 and s.alphas[-1] == 1.0
+    assert s.notes and "max_frames" in s.notes[0]
+
+
+def test_a_search_that_reaches_the_end_on_its_last_allowed_frame_says_nothing(recwarn):
+    # step 0.3 on d = |a^2 - b^2|: alphas 0, sqrt(0.3), sqrt(0.6), sqrt(0.9), then 1 (last step 0.1)
+    s = perceptual_search(FrameCache(render), distance, 0.3, tol=0.001, max_frames=5)
+    assert len(s.alphas) == 5 and s.distances[-1] < 0.3
+    assert not s.notes and not [w for w in recwarn if "max_frames" in str(w.message)]

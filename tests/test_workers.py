@@ -87,6 +87,28 @@ def test_sampling_split_among_workers_matches_one_batch_with_an_adapter_per_bran
         tiny_model.remove_adapter("w_uncond")
 
 
+def test_split_sampling_with_unguided_rows_and_only_an_unconditional_adapter_matches_one_batch(tiny_model):
+    """One chunk all at guidance 1 (its conditional branch alone, no adapter), the other guided
+    through the unconditional adapter: neither may switch the adapters under the other."""
+    add_lora(tiny_model, "w_uncond", 2, seed=2)
+    try:
+        for param in adapter_parameters(tiny_model, "w_uncond"):
+            param.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+        side = tiny_model.resolution // tiny_model.vae_scale_factor
+        codes = torch.randn(4, tiny_model.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+        cond, uncond = encode_prompt(tiny_model, "a photo"), unconditional_embedding(tiny_model)
+        w = torch.tensor([1.0, 1.0, 3.0, 3.0])
+        one = ddim_sample(tiny_model, codes, cond, uncond, w, 6, None, "w_uncond", progress=False, workers=1)
+        plain = ddim_sample(tiny_model, codes, cond, uncond, w, 6, None, None, progress=False, workers=1)
+        assert not torch.allclose(plain[2:], one[2:], atol=1e-3)         # the adapter mattered
+        assert torch.allclose(plain[:2], one[:2], atol=1e-5)             # ... only where w > 1
+        for _ in range(3):
+            two = ddim_sample(tiny_model, codes, cond, uncond, w, 6, None, "w_uncond", progress=False, workers=2)
+            assert torch.allclose(one, two, atol=1e-5), (one - two).abs().flatten(1).max(dim=1).values
+    finally:
+        tiny_model.remove_adapter("w_uncond")
+
+
 def test_a_methods_own_attention_processors_keep_the_batch_whole(tiny_model):
     from diffusers.models.attention_processor import AttnProcessor
 
