@@ -97,6 +97,9 @@ class Morpher:
         model.inference_autocast = autocast_dtype(model.device, c.autocast)
         if model.inference_autocast is not None:
             self.notes.append(f"inference stages under bf16 autocast (config.autocast={c.autocast!r})")
+        #: The weights' dtype and inference autocast this morph runs in; re-applied at each stage,
+        #: since another Morpher on the same model may have changed them (its keys name these).
+        self._precision = (model.dtype, model.inference_autocast)
         digests = [tensor_digest(self.images[i]) for i in range(2)]
         self._base = dict(model=model.fingerprint, dtype=str(model.dtype), prompt=prompt)
         # The inference stages' keys name the autocast, only when there is one (keys without it
@@ -106,7 +109,24 @@ class Morpher:
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def _stage(self, name: str):
+        self._use_precision()
         return stage_clock(self.model, self.stats, name)
+
+    def _use_precision(self) -> None:
+        """Give the shared model this morph's weights dtype and autocast back, if another
+        Morpher on it changed them (``config.precision``, ``config.autocast``). Casting back up
+        is exact only for weights that were in the narrower dtype before (a bf16 model a
+        ``paper`` morph cast to fp32); fp32 weights another morph cast to half keep the bits
+        they lost, and the notes say so."""
+        dtype, cast = self._precision
+        if self.model.dtype != dtype:
+            changed = self.model.dtype
+            self.model.cast(dtype)
+            lossy = torch.finfo(changed).eps > torch.finfo(dtype).eps
+            self.notes.append(f"weights cast back to {str(dtype).replace('torch.', '')} after another morph on "
+                              f"this model cast them to {str(changed).replace('torch.', '')}"
+                              + ("; the bits that dropped stay lost" if lossy else ""))
+        self.model.inference_autocast = cast
 
     def _once(self, name: str, compute):
         if name not in self._values:
@@ -115,8 +135,10 @@ class Morpher:
 
     def _keys(self) -> dict:
         c = self.config
-        text = [stage_key("text", image=d, steps=c.text_steps, lr=c.text_lr, seed=c.seed, **self._base)
-                for d in self._digests]
+        # image i is optimised with seed + i (embeddings()), so its key names that seed: the same
+        # image at the other end of another morph is another optimisation
+        text = [stage_key("text", image=d, steps=c.text_steps, lr=c.text_lr, seed=c.seed + i, **self._base)
+                for i, d in enumerate(self._digests)]
         inversion = [stage_key("inversion", text=t, steps=c.inversion_steps, spacing=c.timestep_spacing,
                                **self._cast) for t in text]
         return {"text": text, "inversion": inversion}
@@ -352,6 +374,7 @@ class Morpher:
     def _render(self, alphas: Sequence[float], adapted: bool = True,
                 guidances: Optional[Sequence[float]] = None, use_cache: bool = False) -> torch.Tensor:
         embeddings = self.embeddings()
+        self._use_precision()
         if adapted:
             cond_adapter, uncond_adapter = self.adapters()
             codes = self.codes()

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,6 +66,30 @@ def test_cache_is_hit_on_rerun_and_missed_when_an_image_changes(tiny_model, imag
     assert not changed.stats["lora"].cached and not changed.stats["reinversion"].cached
     assert changed.stats["text"].unet_evals == 3  # image 1's embedding is reused, image 0's is not
     assert not any(p.suffix == ".tmp" for p in cache.iterdir())
+
+
+def test_an_image_at_the_other_end_of_another_morph_gets_its_own_embedding(tiny_model, image_pair, lpips_random,
+                                                                          tmp_path):
+    # image i is optimised with seed + i: B as image 1 of (A, B) is not B as image 0 of (B, A)
+    a, b = image_pair
+    Morpher(tiny_model, a, b, "a photo", TINY_CONFIG, cache_dir=tmp_path, lpips=lpips_random,
+            progress=False).embeddings()
+    cached = Morpher(tiny_model, b, a, "a photo", TINY_CONFIG, cache_dir=tmp_path, lpips=lpips_random,
+                     progress=False)
+    fresh = Morpher(tiny_model, b, a, "a photo", TINY_CONFIG, lpips=lpips_random, progress=False)
+    assert torch.allclose(cached.embeddings(), fresh.embeddings(), atol=1e-6)
+    assert not cached.stats["text"].cached
+
+
+def test_the_result_key_of_a_captioned_method_names_the_captions(tiny_model, image_pair, tmp_path):
+    from impus_lite.methods import result_key
+    renamed = [tmp_path / "red_car.png", tmp_path / "blue_bus.png"]
+    for source, target in zip(image_pair, renamed):
+        target.write_bytes(Path(source).read_bytes())
+    for method, differs in (("aid", True), ("diffmorpher", True), ("freemorph", True), ("impus", False)):
+        config = TINY_CONFIG.replace(method=method)
+        keys = {result_key(tiny_model, *pair, "a photo", config) for pair in (image_pair, renamed)}
+        assert len(keys) == (2 if differs else 1), method
 
 
 # One changed value per field; each must change the frames, the alphas or the cost.
@@ -270,6 +296,25 @@ def test_a_morpher_gets_its_adapters_back_after_another_replaced_them(tiny_model
     assert tiny_model.adapter_owner is other
     assert torch.allclose(first.render([0.5]), before, atol=1e-5)
     assert tiny_model.adapter_owner is first
+
+
+def test_a_morpher_gets_its_precision_back_after_another_changed_it(image_pair, lpips_random):
+    from impus_lite.models import load_model
+    # a bf16 model (a GPU's default) morphed with its own weights, then a `paper`-like morph on
+    # it casts the shared model to fp32 and sets an autocast: the first gets bf16 back, exactly
+    model = load_model("tiny", device="cpu", dtype="bf16")
+    config = TINY_CONFIG.replace(lora_rank=2, precision=None)
+    alone = Morpher(model, *image_pair, "a photo", config, lpips=lpips_random, progress=False).render([0.5])
+    model.remove_adapters()
+    first = Morpher(model, *image_pair, "a photo", config, lpips=lpips_random, progress=False)
+    Morpher(model, *image_pair, "a photo", config.replace(precision="fp32", autocast="bf16"), lpips=lpips_random,
+            progress=False)
+    assert model.dtype == torch.float32 and model.inference_autocast == torch.bfloat16
+    frame = first.render([0.5])
+    assert model.dtype == torch.bfloat16 and model.inference_autocast is None
+    assert {p.dtype for n, p in model.unet.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert torch.equal(frame, alone)
+    assert any("cast back to bfloat16" in note and "lost" not in note for note in first.notes)
 
 
 @pytest.mark.parametrize("dtype, torch_dtype, tolerance", [("fp16", torch.float16, 0.005),

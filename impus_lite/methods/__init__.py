@@ -34,13 +34,20 @@ def method_module(name: str):
     return importlib.import_module(f"{__name__}.{_MODULES[name]}")
 
 
+#: The methods that give each image its own caption (:func:`.captions.image_captions`: a caption
+#: file or the file name), which their results depend on beyond the pixels.
+CAPTIONED_METHODS = ("diffmorpher", "aid", "freemorph")
+
+
 def result_key(model, image0, image1, prompt: str, config: MorphConfig, lpips=None) -> str:
     """Content key of a whole morph: both images as the method reads them (cropped or resized
-    to its size), the prompt, every config field (``method_options`` included), the model's
-    fingerprint and the dtype it will run in, and the LPIPS trunk that places the frames."""
+    to its size), the prompt, the images' captions for :data:`CAPTIONED_METHODS`, every config
+    field (``method_options`` included), the model's fingerprint and the dtype it will run in,
+    and the LPIPS trunk that places the frames."""
     from ..cache import stage_key
     from ..images import load_image, tensor_digest
     from ..models import autocast_dtype, run_dtype
+    from .captions import image_captions
 
     size = config.size or model.resolution
     digests = [tensor_digest(load_image(image, size, config.resize_mode, config.resample))
@@ -50,9 +57,11 @@ def result_key(model, image0, image1, prompt: str, config: MorphConfig, lpips=No
     cast = autocast_dtype(model.device, fields.pop("autocast"))  # what it does on this machine
     if cast is not None:              # none: the key results had before the field existed
         fields["autocast"] = str(cast)
+    captions = ({"captions": list(image_captions((image0, image1), prompt)[0])}
+                if config.method in CAPTIONED_METHODS else {})
     return stage_key("result", images=digests, prompt=prompt, config=fields,
                      model=model.fingerprint, dtype=str(dtype),
-                     lpips=getattr(lpips, "trunk", None) or "default")
+                     lpips=getattr(lpips, "trunk", None) or "default", **captions)
 
 
 def run_method(model, image0, image1, prompt: str, config: Optional[MorphConfig] = None,
