@@ -5,7 +5,8 @@ For every pair, each :data:`ABLATIONS` row changes one thing in the base config 
 the path metrics of :mod:`impus_lite.perceptual` on the frames it makes (lower PPL and PDV are
 better; smoothness 1 is perfectly even), the number of frames, UNet evaluations and seconds.
 Rows share one cache of stage outputs per pair, so a row that only changes the alphas reuses
-the trained adapters. With ``methods`` each other method of :mod:`impus_lite.methods` adds a row
+the trained adapters; its ``unet_evals`` and ``seconds`` then count only what it computed, and
+its ``reused_stages`` names the stages it loaded. With ``methods`` each other method of :mod:`impus_lite.methods` adds a row
 ("full": its own published settings at the same frame count); FID and KID over all pairs come
 from :mod:`impus_lite.metrics` when the Inception weights can be had.
 
@@ -156,6 +157,7 @@ def evaluate_pair(model, pair: Pair, base: MorphConfig, ablations: Sequence[str]
                "ppl_path_sum": ppl_path_sum(d), "pdv": pdv(d), "smoothness": smoothness(d),
                **end_metrics(result.end_errors),
                "unet_evals": result.unet_evals, "seconds": round(result.seconds, 3),
+               "reused_stages": " ".join(stage for stage, stats in result.stats.items() if stats.cached),
                "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk}
         rows.append(row)
         if on_result is not None:
@@ -202,6 +204,8 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
                "ablation": name, "pairs": len(group)}
         for key in (*METRICS, *END_METRICS, "frames", "unet_evals", "seconds"):
             row[key] = float(np.mean([r[key] for r in group]))
+        reused = [r.get("reused_stages", "") for r in group]
+        row["reused_stages"] = reused[0] if len(set(reused)) == 1 else "; ".join(reused)
         out.append(row)
     return out
 
@@ -412,11 +416,16 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
     write_csv(summary, out / "summary.csv")
     columns = ("label", "method", "ablation", "pairs", "frames", *METRICS, *END_METRICS, "unet_evals", "seconds")
     columns += tuple(k for k in ("fid", "kid", "lpips_to_data", "knn_precision") if any(k in r for r in summary))
+    reuse_note = ""
+    if any(r.get("reused_stages") for r in summary):
+        columns += ("reused_stages",)
+        reuse_note = (" unet_evals and seconds count what a row computed: the stages in reused_stages "
+                      "came from the pair's cache (an earlier row, or an earlier run), at no cost here.")
     trunk = merged[0]["lpips_trunk"] if merged else "?"
     (out / "summary.md").write_text(
         f"Model `{model_name}`, LPIPS AlexNet ({trunk} trunk), images in [-1, 1]; "
         f"means over {len(pairs)} pairs. ppl_path_sum and pdv: DiffMorpher's PPL and PDV on these "
-        f"{base.frames} frames (its paper: 17); smoothness: AID's 1 - Gini. {realism_note}\n\n"
+        f"{base.frames} frames (its paper: 17); smoothness: AID's 1 - Gini.{reuse_note} {realism_note}\n\n"
         + markdown_table(summary, columns) + "\n")
     plot_summary(summary, out / "summary.png")
     results = {"model": model_name, "config": base.to_dict(), "rows": merged, "summary": summary}

@@ -52,8 +52,11 @@ def test_ablation_rows_differ_where_they_should(tiny_model, pairs_root, lpips_ra
     assert set(rows) == set(ABLATIONS)
     assert all(r["frames"] == 3 for r in rows.values())
     assert rows["no_lora"]["lora_rank"] == 0 and rows["full"]["lora_rank"] >= 1
-    # Schedules share the trained stages (cache): they cost only their renders.
+    # Schedules share the trained stages (cache): they cost only their renders, and say so.
     assert rows["uniform"]["unet_evals"] < rows["no_text_opt"]["unet_evals"]
+    assert rows["full"]["reused_stages"] == ""
+    assert {"text", "lora", "reinversion"} <= set(rows["uniform"]["reused_stages"].split())
+    assert not {"text", "lora"} & set(rows["no_text_opt"]["reused_stages"].split())   # other embeddings
     # The rescheduled row renders a second pass and keeps the more even one.
     assert rows["rescheduled"]["unet_evals"] > rows["uniform"]["unet_evals"]
     assert rows["rescheduled"]["pdv"] <= rows["uniform"]["pdv"]
@@ -63,6 +66,7 @@ def test_ablation_rows_differ_where_they_should(tiny_model, pairs_root, lpips_ra
     assert rows["no_lora"]["end_lpips"] != rows["full"]["end_lpips"]
     summary = summarise(list(rows.values()))
     assert [s["ablation"] for s in summary] == list(ABLATIONS)
+    assert {s["ablation"]: s["reused_stages"] for s in summary}["uniform"] == rows["uniform"]["reused_stages"]
     table = markdown_table(summary, ("ablation", "pdv"))
     assert table.count("\n") == len(ABLATIONS) + 1
 
