@@ -64,10 +64,19 @@ class StageCache:
         os.close(fd)
         try:
             torch.save(value, tmp)
+            _as_umask_allows(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _as_umask_allows(path: str) -> None:
+    """Give a temporary file the mode a plain ``open(..., "w")`` would (``mkstemp`` makes it
+    readable by its owner only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
@@ -78,6 +87,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        _as_umask_allows(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import ImpusError
+from .errors import ImpusError, InputError
 
 DESCRIPTION = "Morph one image into another with a diffusion model (IMPUS, ICLR 2024)."
 
@@ -89,6 +89,30 @@ def parse_method_options(items: Sequence[str]) -> dict:
     return options
 
 
+def _output_folder(path: str) -> Path:
+    """``--out`` as a folder this process can write, created if missing; checked before any
+    work, so that a morph is not lost for want of a place to write it."""
+    import os
+
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"Cannot use '{folder}' as the output folder: {error.strerror or error}.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"Cannot write to the output folder '{folder}'.")
+    return folder
+
+
+def _methods(text: str) -> list[str]:
+    from .config import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise InputError(f"--methods names no method: give one or more of {', '.join(METHODS)}.")
+    return methods
+
+
 def _run_morph(args) -> int:
     from .config import MorphConfig
     from .models import load_model
@@ -96,6 +120,9 @@ def _run_morph(args) -> int:
 
     from .images import open_rgb
     from .text import check_prompt_not_empty
+
+    if args.fps <= 0:
+        raise InputError(f"--fps must be positive, got {args.fps:g}.")
     from .threads import thread_line
 
     for path in (args.image_a, args.image_b):  # fail on bad files before a model loads
@@ -116,11 +143,11 @@ def _run_morph(args) -> int:
         changes["lpips_step"] = args.lpips_step
     if args.schedule:
         changes["schedule"] = args.schedule
-    if args.size:
+    if args.size is not None:
         changes["size"] = args.size
     config = MorphConfig.preset(args.preset, **changes)
+    out = _output_folder(args.out)
     model = load_model(args.model, device=args.device, dtype=config.precision)
-    out = Path(args.out)
     result = morph(model, args.image_a, args.image_b, args.prompt, config,
                    cache_dir=None if args.no_cache else out / "cache")
     paths = result.save_all(out, fps=args.fps)
@@ -176,9 +203,10 @@ def _run_evaluate(args) -> int:
     from .evaluation import ABLATIONS, run_evaluation, variants
 
     base = MorphConfig.preset(args.preset, frames=args.frames)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _methods(args.methods)
     ablations = args.ablations or (["full"] if methods != ["impus"] else list(ABLATIONS))
     variants(ablations, methods)  # unknown names fail before a model loads
+    _output_folder(args.out)
     results = run_evaluation(args.model, args.pairs, args.out, base, ablations, args.device, args.dtype,
                              methods=methods)
     if results is not None:
@@ -244,6 +272,12 @@ def _run_bench(args) -> int:
     from .evaluation import find_pairs
     from .runtime import data_path
 
+    if args.round_trip and min(args.inversion_steps, args.sample_steps) < 1:
+        raise InputError("--inversion-steps and --sample-steps must be at least 1.")
+    if args.out:
+        if Path(args.out).is_dir():
+            raise InputError(f"--out names a file to write the report to; '{args.out}' is a folder.")
+        _output_folder(str(Path(args.out).parent))
     if args.concurrent:
         from .loadtest import concurrent_morphs, format_concurrent
         report = concurrent_morphs(args.concurrent, args.wait_policy)
@@ -277,7 +311,7 @@ def _run_bench(args) -> int:
         else:
             pair = find_pairs(args.pair or data_path("pairs", "emoji_cat_dog"))[0]
             overrides = {"size": args.size} if args.size else {}
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            methods = _methods(args.methods)
             report = bench.bench_presets(model, pair.image0, pair.image1, args.prompt, args.presets,
                                          args.frames, overrides, methods=methods)
             text = bench.format_report(report)

@@ -41,9 +41,13 @@ def open_rgb(source: ImageLike) -> Image.Image:
             image.load()
         except UnidentifiedImageError:
             raise InputError(f"'{path}' is not an image file Pillow can read.") from None
+        except Image.DecompressionBombError as error:
+            raise InputError(f"'{path}' is too large to open safely ({error}).") from None
         except (OSError, SyntaxError) as error:
             raise InputError(f"'{path}' is truncated or damaged and cannot be read ({error}).") from None
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):   # 16-bit greyscale: 65535 is white
+        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -62,9 +62,22 @@ def impus_cache_dir() -> Path:
 
 
 def pick_device(device: Union[str, torch.device, None] = None) -> torch.device:
-    """The device to run on: the one asked for, else CUDA, else Apple MPS, else the CPU."""
+    """The device to run on: the one asked for, else CUDA, else Apple MPS, else the CPU.
+
+    Raises:
+        InputError: ``device`` is no device name torch knows, or one this machine does not have.
+    """
     if device is not None:
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            raise InputError(f"Unknown device '{device}': use cpu, cuda, cuda:N or mps.") from None
+        mps = getattr(torch.backends, "mps", None)
+        if (chosen.type == "cuda" and not torch.cuda.is_available()) or \
+                (chosen.type == "mps" and not (mps is not None and mps.is_available())):
+            raise InputError(f"Device '{device}' is not available here: torch sees no {chosen.type.upper()} "
+                             "device (use cpu, or leave the device out to take the best one found).")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -115,9 +116,16 @@ def save_result(result, path: Union[str, Path], fps: float = 8.0) -> Path:
 
 
 def save_all(result, out_dir: Union[str, Path], fps: float = 8.0) -> dict[str, Path]:
-    """Write morph.gif, morph.mp4, strip.png, frames/frame_XXX.png and morph.json in ``out_dir``."""
+    """Write morph.gif, morph.mp4, strip.png, frames/frame_XXX.png and morph.json in ``out_dir``
+    (frame files beyond this morph's count, left by an earlier morph there, are removed)."""
+    if fps <= 0:
+        from .errors import InputError
+        raise InputError(f"Frames per second must be positive, got {fps}.")
     out = Path(out_dir)
     paths = {}
+    for stale in (out / "frames").glob("frame_*.png"):
+        if not re.fullmatch(r"frame_\d{3}", stale.stem) or int(stale.stem[6:]) >= len(result.frames):
+            stale.unlink()
     for k, frame in enumerate(result.frames):
         atomic_write_bytes(out / "frames" / f"frame_{k:03d}.png", png_bytes(frame))
     paths["frames"] = out / "frames"

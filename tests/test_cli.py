@@ -1,8 +1,10 @@
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import smooth_image
@@ -83,6 +85,11 @@ def _bad_input(tmp_path, name):
     ("ok", ["--prompt", "y" * 120], "at most 77"),
     ("ok", ["--frames", "1"], "at least 2 frames"),
     ("ok", ["--model", "./no/such/folder"], "neither a folder nor a hub id"),
+    ("ok", ["--fps", "0"], "--fps must be positive"),
+    ("ok", ["--size", "0"], "at least 8 pixels"),
+    ("ok", ["--device", "gpu"], "Unknown device 'gpu'"),
+    ("ok", ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "gpu"], "ot available here"
+     if not torch.cuda.is_available() else "Unknown device"),
 ])
 def test_bad_input_gets_one_sentence_and_exit_2(case, extra, message, tmp_path, small_preset, capsys):
     images, expected = _bad_input(tmp_path, case)
@@ -104,6 +111,55 @@ def test_bad_input_gets_one_sentence_and_exit_2(case, extra, message, tmp_path, 
     assert last.startswith("error: ") and (expected or message) in last
     assert "Traceback" not in err and err.count("error: ") == 1
     assert (out / "earlier.gif").read_bytes() == b"GIF89a earlier result"
+
+
+def test_an_out_that_is_a_file_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import impus_lite.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    images, _ = _bad_input(tmp_path, "ok")
+    taken = tmp_path / "taken"
+    taken.write_text("a file the user keeps")
+    assert main(["morph", *images, "--prompt", "a photo", "--out", str(taken)]) == 2
+    assert "output folder" in capsys.readouterr().err and taken.read_text() == "a file the user keeps"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "PAIRS", "--out", "OUT", "--methods", ","], "names no method"),
+    (["bench", "--methods", " , "], "names no method"),
+    (["bench", "--round-trip", "--inversion-steps", "0"], "at least 1"),
+    (["bench", "--out", "TMP"], "is a folder"),
+])
+def test_evaluate_and_bench_refuse_empty_settings_in_one_sentence(argv, message, tmp_path, capsys):
+    argv = [str(tmp_path) if a == "TMP" else str(tmp_path / a) if a in ("PAIRS", "OUT") else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_second_morph_into_one_folder_leaves_no_frames_of_the_first(image_pair, tmp_path, small_preset):
+    out = tmp_path / "out"
+    base = ["morph", *map(str, image_pair), *FAST_TINY, "--prompt", "a photo", "--out", str(out)]
+    assert main(base) == 0 and len(list((out / "frames").glob("*.png"))) == 3
+    args = base.copy()
+    args[args.index("--frames") + 1] = "2"
+    umask = os.umask(0o022)
+    try:
+        assert main(args) == 0
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in (out / "frames").glob("*.png")) == ["frame_000.png", "frame_001.png"]
+    for written in (out / "morph.gif", out / "morph.json", out / "frames" / "frame_001.png"):
+        assert written.stat().st_mode & 0o777 == 0o644, written      # as open() would, not mkstemp's 0600
+
+
+def test_the_classroom_command_answers_bad_input_in_one_sentence(tmp_path, capsys):
+    from impus_lite.classroom.cli import main as classroom_main
+
+    assert classroom_main(["export", "--checkpoints", str(tmp_path / "none")]) == 2
+    assert classroom_main(["train", "--data", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 2 and "Traceback" not in err
 
 
 def test_cli_subprocess_exit_status_on_bad_input(tmp_path):

@@ -84,3 +84,20 @@ def test_truncated_file(tmp_path):
 def test_bad_resize_mode():
     with pytest.raises(InputError, match="resize mode"):
         fit_square(Image.new("RGB", (4, 4)), 4, "zoom")
+
+
+def test_a_16_bit_greyscale_image_keeps_its_tones(tmp_path):
+    grey = np.linspace(0, 255, 64 * 64).reshape(64, 64).astype(np.uint8)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(grey.astype(np.uint16) * 257).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(open_rgb(path)).astype(int)
+    assert np.abs(rgb[..., 0] - grey).max() <= 1 and rgb.shape == (64, 64, 3)
+
+
+def test_an_image_too_large_to_open_safely_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)       # 300 x 300 is then over twice the limit
+    with pytest.raises(InputError, match="too large"):
+        open_rgb(path)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
+from ..errors import ImpusError
 from ..models import CLASSROOM_DIR
 from .data import NOTO_EMOJI_FONT, build_emoji_dataset, default_data_dir
 from .evaluate import evaluate
@@ -77,7 +79,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and run the command: 0 when done, 2 with one sentence on bad input (a
+    missing folder, font or model), as ``python -m impus_lite`` does."""
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ImpusError, FileNotFoundError) as error:
+        message = str(error) if isinstance(error, ImpusError) or not error.filename else \
+            f"No such file or folder: '{error.filename}'."
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     if args.command == "build-data":
         data = build_emoji_dataset(args.font)
         folder = data.save(args.out)
