@@ -129,7 +129,9 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
 
     ``methods``: IMPUS runs once per preset (columns named by the preset); every other method
     of :mod:`impus_lite.methods` runs once on the first preset with its own settings (columns
-    named by the method).
+    named by the method). Each run starts from the weights' dtype the model came with (a preset
+    whose ``precision`` casts the shared model, as ``paper`` does, would otherwise hand the next
+    preset its dtype), and the model ends in it.
 
     Returns a dict with ``machine``, ``model``, and per preset: ``stages`` (stage -> seconds,
     unet_evals), ``total_unet_evals``, ``total_seconds``, ``peak_memory_mb``, ``frames``, the
@@ -145,8 +147,11 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
               "dtype": str(model.dtype).replace("torch.", ""), "frames": frames, "presets": {}}
     runs = [(name, name, "impus") for name in presets] if "impus" in methods else []
     runs += [(method, presets[0], method) for method in methods if method != "impus"]
+    loaded = model.dtype
     for name, preset, method in runs:
         config = MorphConfig.preset(preset, frames=frames, method=method, **(overrides or {}))
+        if model.dtype != loaded:
+            model.cast(loaded)
         reset_peak_memory(model.device)
         result = morph(model, image0, image1, prompt, config, lpips=lpips, progress=progress,
                        results_dir=results_dir)
@@ -163,6 +168,8 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
             "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk,
             "end_errors": result.end_errors, **end_metrics(result.end_errors),
         }
+    if model.dtype != loaded:
+        model.cast(loaded)
     names = list(report["presets"])
     if {"paper", "fast"} <= set(names):
         p, f = report["presets"]["paper"], report["presets"]["fast"]

@@ -202,7 +202,8 @@ def _run_evaluate(args) -> int:
     from .config import MorphConfig
     from .evaluation import ABLATIONS, run_evaluation, variants
 
-    base = MorphConfig.preset(args.preset, frames=args.frames)
+    base = MorphConfig.preset(args.preset, frames=args.frames,
+                              **({"precision": args.dtype} if args.dtype else {}))  # as morph's --dtype
     methods = _methods(args.methods)
     ablations = args.ablations or (["full"] if methods != ["impus"] else list(ABLATIONS))
     variants(ablations, methods)  # unknown names fail before a model loads

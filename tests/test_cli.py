@@ -153,6 +153,16 @@ def test_a_second_morph_into_one_folder_leaves_no_frames_of_the_first(image_pair
         assert written.stat().st_mode & 0o777 == 0o644, written      # as open() would, not mkstemp's 0600
 
 
+def test_the_dtype_flag_of_evaluate_overrides_the_presets_precision(tmp_path, monkeypatch):
+    import impus_lite.evaluation as evaluation
+
+    seen = {}
+    monkeypatch.setattr(evaluation, "run_evaluation",
+                        lambda model, pairs, out, base, *a, **k: seen.update(precision=base.precision))
+    assert main(["evaluate", str(tmp_path), "--preset", "paper", "--dtype", "bf16", "--out", str(tmp_path / "o")]) == 0
+    assert seen["precision"] == "bf16"
+
+
 def test_the_classroom_command_answers_bad_input_in_one_sentence(tmp_path, capsys):
     from impus_lite.classroom.cli import main as classroom_main
 

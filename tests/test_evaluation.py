@@ -125,6 +125,20 @@ def test_bench_counts_cost_per_stage_and_fast_is_cheaper(tiny_model, image_pair)
     assert paper["end_errors"]["vae_lpips_a"] >= 0 and fast["end_psnr"] > 0
 
 
+def test_bench_runs_each_preset_from_the_dtype_the_model_came_with(image_pair, monkeypatch):
+    import impus_lite.dispatch as dispatch
+    from impus_lite import load_model
+
+    model = load_model("tiny", device="cpu", dtype="bf16")
+    seen, real = [], dispatch.morph
+    monkeypatch.setattr(dispatch, "morph", lambda m, *a, **k: (seen.append(m.dtype), real(m, *a, **k))[1])
+    small = dict(text_steps=2, inversion_steps=3, lora_steps=1, uncond_lora_steps=1, sample_steps=2,
+                 rppd_frames=3)
+    bench_presets(model, *image_pair, "a photo", ["paper", "fast"], 3, small, progress=False)
+    assert seen == [torch.bfloat16, torch.bfloat16]      # paper casts to fp32 inside its run only
+    assert model.dtype == torch.bfloat16
+
+
 def test_bench_with_a_results_folder_measures_once_then_reads_what_was_measured(tiny_model, image_pair,
                                                                                 tmp_path):
     small = dict(text_steps=2, inversion_steps=3, lora_steps=1, uncond_lora_steps=1, sample_steps=2,
