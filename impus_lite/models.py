@@ -85,6 +85,10 @@ def pick_device(device: Union[str, torch.device, None] = None) -> torch.device:
     return torch.device("cpu")
 
 
+#: ``DiffusionModel._active_adapter`` after a mixed batch: adapters enabled, none switched on alone.
+PER_ROW = "<per row>"
+
+
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -311,7 +315,7 @@ class DiffusionModel:
     unet_evals: int = 0
     unet_calls: int = 0
     _fingerprint: Optional[str] = field(default=None, repr=False)
-    _active_adapter: Optional[str] = field(default=None, repr=False)  # None: unknown, "": none
+    _active_adapter: Optional[str] = field(default=None, repr=False)  # None: unknown, "": none, PER_ROW
     adapter_owner: Optional[object] = field(default=None, repr=False)  # who attached the adapters
     #: dtype the inference UNet calls autocast to (None: none); set per morph from
     #: ``MorphConfig.autocast`` (see :func:`autocast_dtype`).
@@ -536,9 +540,11 @@ class DiffusionModel:
         if missing:
             raise KeyError(f"No adapter named {missing} (have: {sorted(known)}).")
         with self._lock:
-            if self._active_adapter == "":   # adapters disabled: mixed batches need them enabled
+            # disabled, or unknown (peft keeps a disabled flag across adapters deleted and added):
+            # mixed batches need them enabled
+            if self._active_adapter in ("", None):
                 self.unet.enable_adapters()
-                self._active_adapter = None
+                self._active_adapter = PER_ROW
             self._install_row_hooks()
         previous = getattr(self._row_adapters, "rows", None)
         self._row_adapters.rows = ["__base__" if n is None else n for n in names]

@@ -109,6 +109,28 @@ def test_split_sampling_with_unguided_rows_and_only_an_unconditional_adapter_mat
         tiny_model.remove_adapter("w_uncond")
 
 
+def test_adapters_added_after_others_were_disabled_and_removed_act_in_a_mixed_batch(tiny_model):
+    """peft keeps its disabled flag across adapters deleted and added: a mixed batch must enable."""
+    side = tiny_model.resolution // tiny_model.vae_scale_factor
+    z = torch.randn(2, tiny_model.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    cond = encode_prompt(tiny_model, "a photo").expand(2, -1, -1)
+    t = torch.tensor(500)
+    add_lora(tiny_model, "old", 2, seed=1)
+    with tiny_model.using_adapter(None):        # adapters off, as for an un-adapted render
+        pass
+    tiny_model.remove_adapters()
+    add_lora(tiny_model, "new", 2, seed=2)
+    try:
+        for param in adapter_parameters(tiny_model, "new"):
+            param.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            with tiny_model.using_adapters_per_row(["new", None]):
+                mixed = tiny_model.unet(torch.cat([z[:1], z[:1]]), t, encoder_hidden_states=cond).sample
+        assert not torch.allclose(mixed[0], mixed[1], atol=1e-4)      # the adapter's row differs
+    finally:
+        tiny_model.remove_adapters()
+
+
 def test_a_methods_own_attention_processors_keep_the_batch_whole(tiny_model):
     from diffusers.models.attention_processor import AttnProcessor
 

@@ -601,7 +601,7 @@ def plain_text(run: MethodRun, latents: torch.Tensor, options: Options) -> Condi
         hits = 0
         for i in range(2):
             key = stage_key("text", image=run.digests[i], steps=c.text_steps, lr=c.text_lr,
-                            seed=c.seed, model=model.fingerprint, dtype=str(model.dtype), prompt=run.prompt)
+                            seed=c.seed + i, model=model.fingerprint, dtype=str(model.dtype), prompt=run.prompt)
             cached = run.cache.load("text", key)
             if cached is None:
                 result = optimize_embedding(model, latents[i:i + 1], base, c.text_steps, c.text_lr,
