@@ -120,10 +120,10 @@ def _run_morph(args) -> int:
 
     from .images import open_rgb
     from .text import check_prompt_not_empty
+    from .threads import thread_line
 
     if args.fps <= 0:
         raise InputError(f"--fps must be positive, got {args.fps:g}.")
-    from .threads import thread_line
 
     for path in (args.image_a, args.image_b):  # fail on bad files before a model loads
         open_rgb(path)

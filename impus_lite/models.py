@@ -72,17 +72,20 @@ def pick_device(device: Union[str, torch.device, None] = None) -> torch.device:
             chosen = torch.device(device)
         except (RuntimeError, ValueError, TypeError):
             raise InputError(f"Unknown device '{device}': use cpu, cuda, cuda:N or mps.") from None
-        mps = getattr(torch.backends, "mps", None)
         if (chosen.type == "cuda" and not torch.cuda.is_available()) or \
-                (chosen.type == "mps" and not (mps is not None and mps.is_available())):
+                (chosen.type == "mps" and not _mps_available()):
             raise InputError(f"Device '{device}' is not available here: torch sees no {chosen.type.upper()} "
                              "device (use cpu, or leave the device out to take the best one found).")
         return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 #: ``DiffusionModel._active_adapter`` after a mixed batch: adapters enabled, none switched on alone.
