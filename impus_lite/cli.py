@@ -113,6 +113,16 @@ def _methods(text: str) -> list[str]:
     return methods
 
 
+def ran_with_line(ran_with: dict, loaded: bool = False) -> str:
+    """One line for :attr:`MorphResult.ran_with`, e.g. "ran on cpu: float32 weights, 128x128
+    pixels, CPU ... (AVX512 kernels), ..."; "computed on" for a result loaded from the cache."""
+    autocast = ran_with["inference_autocast"]
+    size = ran_with["size"]
+    return (f"{'computed' if loaded else 'ran'} on {ran_with['device']}: {ran_with['dtype']} weights"
+            + (f", inference under {autocast} autocast" if autocast else "")
+            + f", {size}x{size} pixels; {ran_with['machine']}")
+
+
 def _run_morph(args) -> int:
     from .config import MorphConfig
     from .models import load_model
@@ -163,6 +173,8 @@ def _run_morph(args) -> int:
         print(f"note: {note}")
     if model.device.type == "cpu":
         print(thread_line(result.threads))
+    if result.ran_with:
+        print(ran_with_line(result.ran_with, result.loaded))
     print(f"{'stage':<12} {'seconds':>8} {'UNet evals':>11}  cached")
     for name, s in result.stats.items():
         flag = "with the whole morph" if result.loaded else ("yes" if s.cached else "")

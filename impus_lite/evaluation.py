@@ -140,7 +140,8 @@ def evaluate_pair(model, pair: Pair, base: MorphConfig, ablations: Sequence[str]
                   lpips=None, progress: bool = True, on_result: Optional[Callable] = None,
                   methods: Sequence[str] = ("impus",)) -> list[dict]:
     """One row per (method, ablation) of :func:`variants` for ``pair``: metrics, frame count,
-    UNet evaluations, seconds."""
+    UNet evaluations, seconds, and what it ran with (weights' dtype, image size, the machine
+    that computed it: :attr:`MorphResult.ran_with`)."""
     from .dispatch import morph
     from .perceptual import pdv, ppl_path_sum, smoothness
 
@@ -158,7 +159,9 @@ def evaluate_pair(model, pair: Pair, base: MorphConfig, ablations: Sequence[str]
                **end_metrics(result.end_errors),
                "unet_evals": result.unet_evals, "seconds": round(result.seconds, 3),
                "reused_stages": " ".join(stage for stage, stats in result.stats.items() if stats.cached),
-               "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk}
+               "lora_rank": result.lora_rank, "lpips_trunk": result.lpips_trunk,
+               "dtype": result.ran_with.get("dtype", ""), "size": result.ran_with.get("size", ""),
+               "machine": result.ran_with.get("machine") or result.computed_on}
         rows.append(row)
         if on_result is not None:
             on_result(pair, label, result)
@@ -422,10 +425,13 @@ def run_evaluation(model_name: str, pairs_root: Union[str, Path], out_dir: Union
         reuse_note = (" unet_evals and seconds count what a row computed: the stages in reused_stages "
                       "came from the pair's cache (an earlier row, or an earlier run), at no cost here.")
     trunk = merged[0]["lpips_trunk"] if merged else "?"
+    ran = sorted({f"{r['dtype']} weights, {r['size']}x{r['size']} pixels, on {r['machine']}" for r in merged
+                  if r.get("machine")})
+    ran_note = f" Seconds measured with {'; '.join(ran)}." if ran else ""
     (out / "summary.md").write_text(
         f"Model `{model_name}`, LPIPS AlexNet ({trunk} trunk), images in [-1, 1]; "
         f"means over {len(pairs)} pairs. ppl_path_sum and pdv: DiffMorpher's PPL and PDV on these "
-        f"{base.frames} frames (its paper: 17); smoothness: AID's 1 - Gini.{reuse_note} {realism_note}\n\n"
+        f"{base.frames} frames (its paper: 17); smoothness: AID's 1 - Gini.{reuse_note}{ran_note} {realism_note}\n\n"
         + markdown_table(summary, columns) + "\n")
     plot_summary(summary, out / "summary.png")
     results = {"model": model_name, "config": base.to_dict(), "rows": merged, "summary": summary}

@@ -33,7 +33,7 @@ from .lora import (COND_ADAPTER, UNCOND_ADAPTER, adapter_state, add_lora, is_out
                    load_adapter_state, max_adapter_rank, rank_from_rppd, train_lora)
 from .models import DiffusionModel, autocast_dtype, run_dtype
 from .perceptual import Lpips, end_errors, load_lpips, rppd_probe
-from .result import MorphResult, StageStats, stage_clock
+from .result import MorphResult, StageStats, ran_with, stage_clock
 from .runtime import frames_per_call
 from .schedules import FrameCache, Schedule, choose_schedule
 from .text import check_prompt, encode_prompt, optimize_embeddings, unconditional_embedding
@@ -447,6 +447,7 @@ class Morpher:
         if frame_bar is not None:
             frame_bar.close()
         schedule = self.schedule()
+        self._use_precision()
         errors = end_errors(self.images, schedule.frames[[0, -1]], self.reconstructions(), self.lpips)
         return MorphResult(
             frames=tensor_to_pil(schedule.frames), images=schedule.frames, alphas=schedule.alphas,
@@ -454,5 +455,6 @@ class Morpher:
             model_name=self.model.name, lpips_trunk=self.lpips.trunk, lora_rank=self.rank(),
             rppd=self._values.get("rppd"), outlier=bool(self._values.get("outlier", False)),
             step=schedule.step, end_errors=errors, stats=dict(self.stats),
-            notes=self.notes + list(schedule.notes), label=schedule_label(self.config.schedule))
+            notes=self.notes + list(schedule.notes), label=schedule_label(self.config.schedule),
+            ran_with=ran_with(self.model, self.images.shape[-1]))
 

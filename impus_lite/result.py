@@ -51,6 +51,10 @@ class MorphResult:
             the run that computed it, its images that run's frames rounded to 8 bits.
         computed_on: for a loaded result, the machine that computed it
             (:func:`impus_lite.runtime.machine_description`); empty for one computed here.
+        ran_with: what the run actually used where the config leaves the choice to the model
+            or the machine (:func:`ran_with`): device, weights' dtype, inference autocast,
+            image size and the machine; a loaded result keeps its computing run's (empty for
+            one cached before this was recorded).
     """
 
     frames: list
@@ -72,6 +76,7 @@ class MorphResult:
     threads: dict = field(default_factory=dict)
     loaded: bool = False
     computed_on: str = ""
+    ran_with: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.threads:
@@ -105,7 +110,7 @@ class MorphResult:
                         "smoothness": smoothness(self.distances)},
             "unet_evals": self.unet_evals, "seconds": round(self.seconds, 3),
             "stages": {k: vars(v) for k, v in self.stats.items()}, "notes": self.notes,
-            "threads": self.threads, "loaded_from_result_cache": self.loaded,
+            "threads": self.threads, "ran_with": self.ran_with, "loaded_from_result_cache": self.loaded,
             "computed_on": self.computed_on,
         }
 
@@ -118,7 +123,7 @@ class MorphResult:
                   "prompt": self.prompt, "model_name": self.model_name, "lpips_trunk": self.lpips_trunk,
                   "lora_rank": self.lora_rank, "rppd": self.rppd, "outlier": self.outlier,
                   "step": self.step, "end_errors": self.end_errors, "notes": self.notes,
-                  "label": self.label, "threads": self.threads,
+                  "label": self.label, "threads": self.threads, "ran_with": self.ran_with,
                   "stats": {name: vars(stats) for name, stats in self.stats.items()}}
         pixels = ((self.images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return {"pixels": pixels, "fields": json.dumps(fields)}
@@ -144,6 +149,18 @@ class MorphResult:
         """Write morph.gif, morph.mp4, strip.png, frames/frame_XXX.png and morph.json."""
         from . import viz
         return viz.save_all(self, out_dir, fps=fps)
+
+
+def ran_with(model, size: int) -> dict:
+    """What a morph on ``model`` at ``size`` x ``size`` pixels runs with, where its config may
+    leave the choice open (``precision`` and ``size`` None: the model's own): ``device``,
+    ``dtype`` (the weights'), ``inference_autocast`` (None or "bfloat16"), ``size`` and
+    ``machine`` (:func:`impus_lite.runtime.machine_description`). Taken when the result is made."""
+    from .runtime import machine_description
+    autocast = getattr(model, "inference_autocast", None)
+    return {"device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+            "inference_autocast": None if autocast is None else str(autocast).replace("torch.", ""),
+            "size": int(size), "machine": machine_description(model.device)}
 
 
 @contextlib.contextmanager

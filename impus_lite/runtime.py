@@ -105,13 +105,28 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_kernels() -> str:
+    """What torch computes with on this CPU: the vector kernels ATen dispatches to ("AVX512",
+    "AVX2", ...; ``ATEN_CPU_CAPABILITY`` can lower them) and, when present, the native bf16
+    units ("AMX", "AVX512-BF16"), as torch's own feature checks report them."""
+    parts = [f"{torch.backends.cpu.get_cpu_capability()} kernels"]
+    for name, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+        check = getattr(torch.cpu, name, None)
+        if check is not None and check():
+            parts.append(label)
+    return ", ".join(parts)
+
+
 def machine_description(device: torch.device) -> str:
-    """One line naming the machine: GPU name and memory, or CPU model and core count."""
+    """One line naming the machine: GPU name and memory, or CPU model, core count and the
+    kernels torch runs there (:func:`cpu_kernels`)."""
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), torch {torch.__version__}"
-    return (f"CPU {cpu_model_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}")
+    if device.type == "mps":
+        return f"Apple GPU (MPS) beside CPU {cpu_model_name()}, torch {torch.__version__}"
+    return (f"CPU {cpu_model_name()} ({cpu_kernels()}), {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -98,7 +98,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def save_result(result, path: Union[str, Path], fps: float = 8.0) -> Path:
-    """Save a :class:`~impus_lite.morph.MorphResult` by extension (.gif, .mp4, .png strip, .json)."""
+    """Save a :class:`~impus_lite.morph.MorphResult` by extension (.gif, .mp4, .png strip, .json:
+    ``result.summary()`` with ``fps`` added)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".gif":
@@ -107,8 +108,8 @@ def save_result(result, path: Union[str, Path], fps: float = 8.0) -> Path:
         data = mp4_bytes(result.frames, fps)
     elif suffix == ".png":
         data = png_bytes(strip(result.frames, result.alphas))
-    elif suffix == ".json":
-        data = json.dumps(result.summary(), indent=2).encode()
+    elif suffix == ".json":  # the summary, and the frame rate the animations beside it use
+        data = json.dumps({**result.summary(), "fps": fps}, indent=2).encode()
     else:
         from .errors import InputError
         raise InputError(f"Cannot save a morph as '{suffix}': use .gif, .mp4, .png or .json.")

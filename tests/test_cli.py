@@ -36,20 +36,28 @@ def test_cli_writes_every_output(image_pair, tmp_path, small_preset, capsys):
     assert summary["unet_evals"] > 0 and "text" in summary["stages"]
     assert summary["threads"]["torch_threads"] >= 1 and summary["threads"]["source"]
     assert summary["method"] == "impus (reschedule)"
+    # What the config left open is recorded as used: the model's dtype and size, the machine.
+    assert summary["config"]["precision"] is None
+    ran = summary["ran_with"]
+    assert (ran["device"], ran["dtype"], ran["inference_autocast"], ran["size"]) == ("cpu", "float32", None, 32)
+    assert " kernels" in ran["machine"] and summary["fps"] == 8.0
     gif = Image.open(out / "morph.gif")
     assert gif.n_frames == 4  # 3 frames forward and the middle one back
     printed = capsys.readouterr().out
     assert "UNet evals" in printed and "torch thread" in printed
+    assert "ran on cpu: float32 weights, 32x32 pixels; CPU " in printed
     assert any((out / "cache").glob("text-*.pt"))
     assert "with the whole morph" not in printed
     # The same command again loads the finished morph, with the costs its first run recorded.
     assert main(["morph", str(image_pair[0]), str(image_pair[1]), "--prompt", "a photo", *FAST_TINY,
-                 "--out", str(out)]) == 0
+                 "--fps", "4", "--out", str(out)]) == 0
     again = json.loads((out / "morph.json").read_text())
     assert again["loaded_from_result_cache"] and again["unet_evals"] == summary["unet_evals"]
+    assert again["ran_with"] == ran and again["fps"] == 4.0
     assert again["alphas"] == summary["alphas"]
     printed = capsys.readouterr().out
     assert "loaded whole from the result cache" in printed and "with the whole morph" in printed
+    assert "computed on cpu: float32 weights" in printed
 
 
 def test_cli_help_explains_every_flag():
@@ -200,8 +208,10 @@ def test_paper_preset_stretches_and_the_dtype_flag_overrides_its_precision(image
     out = tmp_path / "out"
     assert main(["morph", str(image_pair[0]), str(image_pair[1]), "--prompt", "a photo", *FAST_TINY,
                  "--preset", "paper", "--dtype", "bf16", "--out", str(out)]) == 0
-    used = json.loads((out / "morph.json").read_text())["config"]
+    summary = json.loads((out / "morph.json").read_text())
+    used = summary["config"]
     assert (used["resize_mode"], used["resample"], used["precision"]) == ("resize", "bilinear", "bf16")
+    assert summary["ran_with"]["dtype"] == "bfloat16"
 
 
 def test_the_autocast_flag_reaches_the_config_and_the_notes(image_pair, tmp_path, capsys):
@@ -210,6 +220,7 @@ def test_the_autocast_flag_reaches_the_config_and_the_notes(image_pair, tmp_path
                  "--autocast", "bf16", "--out", str(out)]) == 0
     summary = json.loads((out / "morph.json").read_text())
     assert summary["config"]["autocast"] == "bf16"
+    assert (summary["ran_with"]["dtype"], summary["ran_with"]["inference_autocast"]) == ("float32", "bfloat16")
     assert any("bf16 autocast" in note for note in summary["notes"])
     assert "note: inference stages under bf16 autocast" in capsys.readouterr().out
 
@@ -227,6 +238,7 @@ def test_method_options_from_the_command_line(tmp_path, capsys):
     assert code == 0
     summary = json.loads((tmp_path / "out" / "morph.json").read_text())
     assert summary["config"]["method"] == "slerp" and summary["config"]["method_options"] == {"guidance": 2.0}
+    assert summary["config"]["size"] is None and summary["ran_with"]["size"] == 32  # the tiny model's own
     assert main(["morph", str(pair[0]), str(pair[1]), "--prompt", "a photo", "--model", "tiny",
                  "--method", "slerp", "--method-option", "strength", "--out", str(tmp_path / "o2")]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err

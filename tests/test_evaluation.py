@@ -106,7 +106,10 @@ def test_evaluate_command_writes_tables_and_plots(pairs_root, tmp_path, monkeypa
     results = json.loads((out / "results.json").read_text())
     assert len(results["rows"]) == 4  # 2 pairs x 2 ablations
     assert (out / "summary.png").stat().st_size > 1000
-    assert "| full |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| full |" in summary
+    assert "Seconds measured with float32 weights, 32x32 pixels, on CPU " in summary
+    assert {(r["dtype"], r["size"]) for r in results["rows"]} == {("float32", 32)}
     assert len(list((out / "strips").glob("*.png"))) == 4
 
 

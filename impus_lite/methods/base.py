@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..images import ImageLike, load_image, tensor_digest, tensor_to_pil
 from ..models import DiffusionModel, run_dtype
 from ..perceptual import Lpips, end_errors, load_lpips
-from ..result import MorphResult, StageStats, stage_clock
+from ..result import MorphResult, StageStats, ran_with, stage_clock
 from ..runtime import frames_per_call
 from ..schedules import Schedule
 from ..text import check_prompt
@@ -129,7 +129,8 @@ class MethodRun:
             distances=schedule.distances, config=self.config, prompt=self.prompt,
             model_name=self.model.name, lpips_trunk=self.lpips.trunk, lora_rank=lora_rank,
             rppd=None, outlier=False, step=step if step is not None else schedule.step,
-            end_errors=errors, stats=dict(self.stats), notes=self.notes + list(schedule.notes))
+            end_errors=errors, stats=dict(self.stats), notes=self.notes + list(schedule.notes),
+            ran_with=ran_with(self.model, self.images.shape[-1]))
 
 
 def start_run(method: str, uses: Sequence[str], model: DiffusionModel, image0: ImageLike,
