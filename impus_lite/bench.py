@@ -124,8 +124,9 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
     """Run ``morph`` once per preset (no stage cache) with ``frames`` frames; return per-stage costs.
 
     ``results_dir``: a folder of whole results (:func:`impus_lite.cache.cached_result`): a run
-    stored there loads with the costs it recorded, and ``machine`` names where they were
-    measured; a run not stored is measured here and stored. None (default): measure every run.
+    stored there loads with the costs it recorded, ``machine`` names where they were measured
+    and ``recorded_in`` the folder; a run not stored is measured here and stored. None
+    (default): measure every run.
 
     ``methods``: IMPUS runs once per preset (columns named by the preset); every other method
     of :mod:`impus_lite.methods` runs once on the first preset with its own settings (columns
@@ -156,7 +157,7 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
         result = morph(model, image0, image1, prompt, config, lpips=lpips, progress=progress,
                        results_dir=results_dir)
         if result.loaded:
-            report["machine"] = f"{result.computed_on} (recorded in {results_dir})"
+            report["machine"], report["recorded_in"] = result.computed_on, str(results_dir)
         d = result.distances
         report["presets"][name] = {
             "stages": {k: {"seconds": round(v.seconds, 3), "unet_evals": v.unet_evals}
@@ -180,7 +181,8 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
 def format_report(report: dict) -> str:
     """The report as a plain-text table: one column per preset, one row per stage."""
     names = list(report["presets"])
-    lines = [f"machine: {report['machine']}", f"model: {report['model']} ({report['dtype']}), "
+    recorded = f" (recorded in {report['recorded_in']})" if report.get("recorded_in") else ""
+    lines = [f"machine: {report['machine']}{recorded}", f"model: {report['model']} ({report['dtype']}), "
              f"{report['frames']} frames", ""]
     header = f"{'stage':<12}" + "".join(f"{n + ' s':>12}{n + ' evals':>14}" for n in names)
     lines.append(header)

@@ -233,22 +233,28 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
 
 
 def plot_summary(summary: Sequence[dict], path: Path) -> Path:
-    """Bar charts of PPL, PDV, smoothness and UNet evaluations per row: IMPUS's ablations by
-    name, the other methods by theirs (PNG).
+    """Bar charts of PPL, PDV (on a log axis: it spans orders of magnitude), smoothness and
+    UNet evaluations per row: IMPUS's ablations by name, the other methods by theirs (PNG).
+    The evaluations are those a row computed; stages it loaded from the cache (an earlier row's,
+    see ``reused_stages``) are not counted, and the panel's title says so.
 
     Draws on a bare ``matplotlib.figure.Figure``: no pyplot state or backend is touched.
     """
     from matplotlib.figure import Figure
 
     keys = (*METRICS, "unet_evals")
-    fig = Figure(figsize=(4 * len(keys), 3.2))
+    titles = {"pdv": "pdv (log axis)",
+              "unet_evals": "UNet evaluations computed by the row\n(stages loaded from the cache not counted)"}
+    fig = Figure(figsize=(4 * len(keys), 3.4))
     axes = fig.subplots(1, len(keys))
     comparing = len({r.get("method", "impus") for r in summary}) > 1
     names = [r.get("label") or row_label(r.get("method", "impus"), r["ablation"], comparing) for r in summary]
     for ax, key in zip(axes, keys):
-        ax.bar(names, [r[key] for r in summary], color="tab:blue")
-        ax.set_title(key)
-        ax.tick_params(axis="x", rotation=60)
+        ax.bar(range(len(names)), [r[key] for r in summary], color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+        ax.set_title(titles.get(key, key), fontsize=9)
+        if key == "pdv" and all(r[key] > 0 for r in summary):
+            ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path

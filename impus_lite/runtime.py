@@ -125,8 +125,9 @@ def machine_description(device: torch.device) -> str:
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), torch {torch.__version__}"
     if device.type == "mps":
         return f"Apple GPU (MPS) beside CPU {cpu_model_name()}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
     return (f"CPU {cpu_model_name()} ({cpu_kernels()}), {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+            f"{threads} torch thread{'s' if threads != 1 else ''}, torch {torch.__version__}")
 
 
 def reset_peak_memory(device: torch.device) -> None:

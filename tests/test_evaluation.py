@@ -148,13 +148,14 @@ def test_bench_with_a_results_folder_measures_once_then_reads_what_was_measured(
                  rppd_frames=2)
     first = bench_presets(tiny_model, *image_pair, "a photo", ["fast"], 3, small, progress=False,
                           results_dir=tmp_path)
-    assert "recorded in" not in first["machine"] and len(list(tmp_path.glob("result-*.pt"))) == 1
+    assert "recorded_in" not in first and len(list(tmp_path.glob("result-*.pt"))) == 1
     evals = tiny_model.unet_evals
     again = bench_presets(tiny_model, *image_pair, "a photo", ["fast"], 3, small, progress=False,
                           results_dir=tmp_path)
     assert tiny_model.unet_evals == evals                 # nothing ran: the stored run's figures
     assert again["presets"]["fast"]["stages"] == first["presets"]["fast"]["stages"]
-    assert again["machine"].startswith("CPU") and f"recorded in {tmp_path}" in again["machine"]
+    assert again["machine"] == first["machine"] and again["recorded_in"] == str(tmp_path)
+    assert f"machine: {first['machine']} (recorded in {tmp_path})" in format_report(again)
 
 
 def test_saved_activations_counts_what_autograd_keeps_until_backward():

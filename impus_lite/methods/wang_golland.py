@@ -42,10 +42,11 @@ grid of S sampling steps ``tau_0 > tau_1 > ... > tau_{S-1}``, a frame is noised 
     n(a) = max(1, floor(s_min + (s_max - s_min) (L - min(d(a), L)) / (L - 1)))   otherwise
     s_min = floor(S * min_noise),  s_max = floor(S * max_noise)       (L = 1: n = s_min)
 
-so the middle frame (d = 1) gets ``s_max`` steps, the frames next to the ends (d = L) and all
-off-grid frames ``s_min``, and the inputs none: the level falls towards the ends, linearly in
-the depth. Their defaults: ``min_noise = 0.3``, ``max_noise = 0.55`` (cm.py:456; the sample
-scripts use per-pair fractions between 0.25 and 0.8).
+so the middle frame (d = 1) gets ``s_max`` steps, the frames of the finest level (d = L) and all
+off-grid frames ``s_min``, and the inputs none: the level falls with the depth, linearly, so
+a frame next to the middle (7/16 at L = 4) gets as few steps as one next to an end (1/16).
+Their defaults: ``min_noise = 0.3``, ``max_noise = 0.55`` (cm.py:456; the sample scripts use
+per-pair fractions between 0.25 and 0.8).
 
 **Candidates.** ``candidates`` per frame at depth 1, one fewer per level below, never fewer than
 ``min_candidates`` (theirs: 8, then ``max(n - 1, 3)``, cm.py:596, which raises a count below 3
