@@ -124,9 +124,9 @@ def run_dtype(model: "DiffusionModel", precision: Optional[str]) -> torch.dtype:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matrix products natively (AMX tiles or AVX512-BF16), as
-    torch's own CPU feature checks report; False where they are missing."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(check() for check in checks if check is not None)
+    torch's own CPU feature checks report (:func:`impus_lite.runtime.native_bf16_units`)."""
+    from .runtime import native_bf16_units
+    return bool(native_bf16_units())
 
 
 def autocast_dtype(device: torch.device, setting: Optional[str]) -> Optional[torch.dtype]:

@@ -105,16 +105,18 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def native_bf16_units() -> list[str]:
+    """The units of this CPU that compute bf16 matrix products natively, "AMX" (tiles) and
+    "AVX512-BF16", as torch's own CPU feature checks report them; empty where they are missing."""
+    checks = (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16"))
+    return [label for name, label in checks if getattr(torch.cpu, name, lambda: False)()]
+
+
 def cpu_kernels() -> str:
     """What torch computes with on this CPU: the vector kernels ATen dispatches to ("AVX512",
-    "AVX2", ...; ``ATEN_CPU_CAPABILITY`` can lower them) and, when present, the native bf16
-    units ("AMX", "AVX512-BF16"), as torch's own feature checks report them."""
-    parts = [f"{torch.backends.cpu.get_cpu_capability()} kernels"]
-    for name, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
-        check = getattr(torch.cpu, name, None)
-        if check is not None and check():
-            parts.append(label)
-    return ", ".join(parts)
+    "AVX2", ...; ``ATEN_CPU_CAPABILITY`` can lower them) and the native bf16 units
+    (:func:`native_bf16_units`), e.g. "AVX512 kernels, AVX512-BF16"."""
+    return ", ".join([f"{torch.backends.cpu.get_cpu_capability()} kernels", *native_bf16_units()])
 
 
 def machine_description(device: torch.device) -> str:

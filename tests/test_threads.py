@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from impus_lite import threads
 from impus_lite.errors import InputError
@@ -147,3 +148,17 @@ def test_the_runtime_cell_says_what_the_classroom_model_will_run_with_before_it_
     monkeypatch.setattr(threads, "thread_report", lambda: {"torch_threads": 3, **dataclasses.asdict(applied),
                                                            "omp_wait_policy": "PASSIVE", "wait_policy_set_by": "impus_lite"})
     assert threads.planned_thread_line(small_model=True).startswith("CPU: 3 torch threads (IMPUS_LITE_THREADS; 2 CPUs)")
+
+
+def test_the_machine_line_names_the_kernels_and_the_native_bf16_units(monkeypatch):
+    from impus_lite import models, runtime
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert runtime.cpu_kernels() == "AVX2 kernels" and not models.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert runtime.cpu_kernels() == "AVX2 kernels, AMX" and models.cpu_has_native_bf16()
+    line = runtime.machine_description(torch.device("cpu"))
+    assert line.startswith("CPU ") and "(AVX2 kernels, AMX)" in line
+    with runtime.one_torch_thread():
+        assert ", 1 torch thread," in runtime.machine_description(torch.device("cpu"))
