@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .config import MorphConfig
+from .models import dtype_name
 from .runtime import machine_description, peak_memory_mb, reset_peak_memory
 
 STAGE_ORDER = ("encode", "text", "inversion", "rppd", "lora", "reinversion", "endpoints", "ranking",
@@ -83,7 +84,7 @@ def training_memory(model, size: Optional[int] = None, lora_rank: int = 16) -> d
                           generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype)
     embedding = encode_prompt(model, "a photo")
     report = {"machine": machine_description(model.device), "model": model.name,
-              "dtype": str(model.dtype).replace("torch.", ""), "size": size,
+              "dtype": dtype_name(model.dtype), "size": size,
               "weights_mb": {name: round(sum(p.numel() * p.element_size()
                                              for p in getattr(model, name).parameters()) / 2**20, 3)
                              for name in ("unet", "vae", "text_encoder")}}
@@ -145,7 +146,7 @@ def bench_presets(model, image0, image1, prompt: str, presets: Sequence[str], fr
 
     lpips = load_lpips(device=model.device)
     report = {"machine": machine_description(model.device), "model": model.name,
-              "dtype": str(model.dtype).replace("torch.", ""), "frames": frames, "presets": {}}
+              "dtype": dtype_name(model.dtype), "frames": frames, "presets": {}}
     runs = [(name, name, "impus") for name in presets] if "impus" in methods else []
     runs += [(method, presets[0], method) for method in methods if method != "impus"]
     loaded = model.dtype

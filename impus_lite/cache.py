@@ -11,10 +11,12 @@ the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -59,39 +61,43 @@ class StageCache:
         path = self.path(stage, key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with _written_atomically(path) as tmp:
             torch.save(value, tmp)
-            _as_umask_allows(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
-def _as_umask_allows(path: str) -> None:
-    """Give a temporary file the mode a plain ``open(..., "w")`` would (``mkstemp`` makes it
-    readable by its owner only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+#: os.umask can only be read by setting it; threads that write files take turns doing so.
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:
+        umask = os.umask(0)
+        os.umask(umask)
+    return umask
+
+
+@contextlib.contextmanager
+def _written_atomically(path: Path):
+    """A temporary file beside ``path`` to write to: when the block ends without an error it gets
+    the mode a plain ``open(..., "w")`` would (``mkstemp`` makes it readable by its owner only)
+    and replaces ``path``; otherwise it is removed and ``path`` stays as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        _as_umask_allows(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with _written_atomically(path) as tmp:
+        Path(tmp).write_bytes(data)
     return path
 
 

@@ -7,6 +7,7 @@ exit with status 2; nothing already written in the output folder is removed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -92,8 +93,6 @@ def parse_method_options(items: Sequence[str]) -> dict:
 def _output_folder(path: str) -> Path:
     """``--out`` as a folder this process can write, created if missing; checked before any
     work, so that a morph is not lost for want of a place to write it."""
-    import os
-
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,11 @@ DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as reports and notes write it: "float32", "bfloat16" (``str`` without "torch.")."""
+    return str(dtype).replace("torch.", "")
+
+
 def pick_dtype(device: torch.device, dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
     """The weights precision: ``dtype`` when given, else the device's half precision.
 

@@ -31,7 +31,7 @@ from .interp import lerp, slerp
 from .inversion import ddim_invert, ddim_sample
 from .lora import (COND_ADAPTER, UNCOND_ADAPTER, adapter_state, add_lora, is_outlier_pair,
                    load_adapter_state, max_adapter_rank, rank_from_rppd, train_lora)
-from .models import DiffusionModel, autocast_dtype, run_dtype
+from .models import DiffusionModel, autocast_dtype, dtype_name, run_dtype
 from .perceptual import Lpips, end_errors, load_lpips, rppd_probe
 from .result import MorphResult, StageStats, ran_with, stage_clock
 from .runtime import frames_per_call
@@ -91,7 +91,7 @@ class Morpher:
         model.remove_adapters()
         wanted = run_dtype(model, c.precision)
         if wanted != model.dtype:
-            before = str(model.dtype).replace("torch.", "")
+            before = dtype_name(model.dtype)
             model.cast(wanted)
             self.notes.append(f"weights cast from {before} to {c.precision} (config.precision)")
         model.inference_autocast = autocast_dtype(model.device, c.autocast)
@@ -123,8 +123,8 @@ class Morpher:
             changed = self.model.dtype
             self.model.cast(dtype)
             lossy = torch.finfo(changed).eps > torch.finfo(dtype).eps
-            self.notes.append(f"weights cast back to {str(dtype).replace('torch.', '')} after another morph on "
-                              f"this model cast them to {str(changed).replace('torch.', '')}"
+            self.notes.append(f"weights cast back to {dtype_name(dtype)} after another morph on "
+                              f"this model cast them to {dtype_name(changed)}"
                               + ("; the bits that dropped stay lost" if lossy else ""))
         self.model.inference_autocast = cast
 

@@ -156,10 +156,11 @@ def ran_with(model, size: int) -> dict:
     leave the choice open (``precision`` and ``size`` None: the model's own): ``device``,
     ``dtype`` (the weights'), ``inference_autocast`` (None or "bfloat16"), ``size`` and
     ``machine`` (:func:`impus_lite.runtime.machine_description`). Taken when the result is made."""
+    from .models import dtype_name
     from .runtime import machine_description
-    autocast = getattr(model, "inference_autocast", None)
-    return {"device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-            "inference_autocast": None if autocast is None else str(autocast).replace("torch.", ""),
+    autocast = model.inference_autocast
+    return {"device": str(model.device), "dtype": dtype_name(model.dtype),
+            "inference_autocast": None if autocast is None else dtype_name(autocast),
             "size": int(size), "machine": machine_description(model.device)}
 
 

@@ -14,7 +14,7 @@ from ..cache import StageCache
 from ..config import MorphConfig
 from ..errors import InputError
 from ..images import ImageLike, load_image, tensor_digest, tensor_to_pil
-from ..models import DiffusionModel, run_dtype
+from ..models import DiffusionModel, dtype_name, run_dtype
 from ..perceptual import Lpips, end_errors, load_lpips
 from ..result import MorphResult, StageStats, ran_with, stage_clock
 from ..runtime import frames_per_call
@@ -150,7 +150,7 @@ def start_run(method: str, uses: Sequence[str], model: DiffusionModel, image0: I
     notes = []
     wanted = run_dtype(model, config.precision)
     if wanted != model.dtype:
-        before = str(model.dtype).replace("torch.", "")
+        before = dtype_name(model.dtype)
         model.cast(wanted)
         notes.append(f"weights cast from {before} to {config.precision} (config.precision)")
     ignored = ignored_fields(config, uses)
